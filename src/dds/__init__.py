@@ -1,0 +1,1 @@
+from dds.errors import DDSError
