@@ -1,0 +1,85 @@
+"""The built-in procedural image world (scenes, captions, exact edits) and its judge."""
+
+from dds.world.scene import (
+    BACKGROUND_NAMES,
+    BACKGROUNDS,
+    CANVAS,
+    COLOR_NAMES,
+    COLORS,
+    EDIT_KINDS,
+    INCOMPATIBLE,
+    MAX_OBJECTS,
+    SHAPES,
+    TEMPLATES,
+    TEXTURE_WORDS,
+    TEXTURES,
+    Edit,
+    Obj,
+    Scene,
+    SceneDataset,
+    caption,
+    collate_scenes,
+    compatible,
+    edit_applicable,
+    edit_mask,
+    export_folder,
+    load_folder,
+    make_edit,
+    object_masks,
+    parse_caption,
+    render,
+    render_background,
+    render_batch,
+    sample_edit,
+    sample_scene,
+    texture_field,
+    to_uint8,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "BACKGROUND_NAMES",
+    "CANVAS",
+    "COLORS",
+    "COLOR_NAMES",
+    "EDIT_KINDS",
+    "INCOMPATIBLE",
+    "MAX_OBJECTS",
+    "SHAPES",
+    "TEMPLATES",
+    "TEXTURES",
+    "TEXTURE_WORDS",
+    "Edit",
+    "Judge",
+    "JudgeConfig",
+    "Obj",
+    "Scene",
+    "SceneDataset",
+    "caption",
+    "collate_scenes",
+    "compatible",
+    "edit_applicable",
+    "edit_mask",
+    "export_folder",
+    "load_folder",
+    "make_edit",
+    "object_masks",
+    "parse_caption",
+    "render",
+    "render_background",
+    "render_batch",
+    "sample_edit",
+    "sample_scene",
+    "texture_field",
+    "to_uint8",
+    "train_judge",
+]
+
+
+def __getattr__(name: str):
+    # The judge needs torch; import it lazily so the world itself stays light.
+    if name in ("Judge", "JudgeConfig", "train_judge"):
+        from dds.world import judge
+
+        return getattr(judge, name)
+    raise AttributeError(f"module 'dds.world' has no attribute {name!r}")

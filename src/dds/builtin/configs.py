@@ -1,0 +1,231 @@
+"""Sizes and training hyper-parameters of the built-in text-to-image latent diffusion model.
+
+Everything is a frozen dataclass so that a run is fully described by one ``TrainConfig`` (it is
+written next to the checkpoints and into the exported folder). ``default()`` is the shipped model,
+``tiny()`` a few-thousand-parameter variant for tests.
+
+The modules are the stock diffusers / transformers classes that Stable Diffusion 1.x uses
+(``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``), only much smaller, so that the
+exported folder is a standard ``StableDiffusionPipeline`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+# Stable Diffusion 1.x noise schedule.
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS = 49406
+CLIP_EOS = 49407
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    sample_size: int = 64
+    mid_block_add_attention: bool = True
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+    sample_size: int = 16
+    in_channels: int = 4
+    out_channels: int = 4
+    transformer_layers_per_block: int = 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 77
+    vocab_size: int = CLIP_VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "default"
+    seed: int = 0
+    threads: int = 2
+    image_size: int = 64
+    # Stage 1: VAE.
+    vae_steps: int = 3000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_warmup: int = 100
+    vae_kl_weight: float = 1e-6
+    # Stage 2: UNet + text encoder.
+    unet_steps: int = 7000
+    batch_size: int = 48
+    unet_lr: float = 1.5e-3
+    text_lr: float = 1.5e-3
+    unet_warmup: int = 300
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 500
+    cfg_drop: float = 0.1
+    # Logging / checkpoints.
+    ckpt_every: int = 250
+    sample_every: int = 1000
+    log_every: int = 10
+    sample_captions: tuple[str, ...] = (
+        "a red circle on a blue striped background",
+        "a yellow star on a green checkered background",
+        "a white square on a black dotted background",
+        "a blue triangle on an orange background",
+    )
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> TrainConfig:
+        d = dict(d)
+        vae = VAEConfig(**_tuples(d.pop("vae")))
+        unet = UNetConfig(**_tuples(d.pop("unet")))
+        text = TextConfig(**_tuples(d.pop("text")))
+        return TrainConfig(**_tuples(d), vae=vae, unet=unet, text=text)
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def default() -> TrainConfig:
+    """The shipped built-in model (fits about 75 minutes on 2 CPU cores)."""
+    return TrainConfig()
+
+
+def tiny() -> TrainConfig:
+    """A few-thousand-parameter variant (per network, bar the token table) for tests."""
+    return TrainConfig(
+        name="tiny",
+        vae_steps=4,
+        vae_batch_size=2,
+        vae_warmup=1,
+        unet_steps=4,
+        batch_size=2,
+        unet_warmup=1,
+        ema_start=1,
+        ckpt_every=2,
+        sample_every=2,
+        log_every=1,
+        sample_captions=("a red circle on a blue striped background",),
+        vae=VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4),
+        unet=UNetConfig(
+            block_out_channels=(8, 16, 16),
+            attention_head_dim=4,
+            norm_num_groups=4,
+        ),
+        text=TextConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+        ),
+    )
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    """``dataclasses.replace`` that ignores ``None`` values (for command-line overrides)."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+
+
+def build_vae(c: VAEConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(c.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        act_fn="silu",
+        latent_channels=c.latent_channels,
+        norm_num_groups=c.norm_num_groups,
+        sample_size=c.sample_size,
+        scaling_factor=1.0,
+        mid_block_add_attention=c.mid_block_add_attention,
+    )
+
+
+def build_unet(c: UNetConfig, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=c.sample_size,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        down_block_types=tuple(c.down_block_types),
+        up_block_types=tuple(c.up_block_types),
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        attention_head_dim=c.attention_head_dim,
+        norm_num_groups=c.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        transformer_layers_per_block=c.transformer_layers_per_block,
+    )
+
+
+def text_config(c: TextConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        hidden_act="quick_gelu",
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=CLIP_EOS,
+    )
+
+
+def build_text_encoder(c: TextConfig):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(text_config(c))
+
+
+def build_models(cfg: TrainConfig):
+    """Fresh (vae, unet, text_encoder) for ``cfg``; seed torch first for reproducibility."""
+    vae = build_vae(cfg.vae)
+    text_encoder = build_text_encoder(cfg.text)
+    unet = build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
+    return vae, unet, text_encoder
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,793 @@
+"""Training of the built-in text-to-image latent diffusion model, and its export.
+
+One seeded, resumable command trains the whole model on the procedural world (``dds.world``):
+
+* stage 1 ("vae"): an ``AutoencoderKL`` 64x64x3 -> 16x16x4, reconstruction loss (L1 + MSE on
+  [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
+  latents of training scenes (Stable Diffusion's 0.18215 plays the same role);
+* stage 2 ("unet"): a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly from
+  scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule, the VAE frozen,
+  captions replaced by "" 10% of the time (classifier-free guidance), EMA weights exported.
+
+Every random draw of a step comes from a generator seeded by (seed, stage, step) and scenes are
+drawn by index from ``SceneDataset``, so a killed run resumes exactly where its last checkpoint
+left it (checkpoints hold models, optimiser, EMA, step and RNG states, and are written
+atomically). ``run_dir`` receives ``log.csv``, checkpoints and PNG sample grids; ``out_dir``
+receives a complete diffusers ``StableDiffusionPipeline`` folder plus ``training.json``.
+
+Command line: ``python -m dds.builtin.train --run-dir runs/builtin`` (also ``dds train-builtin``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dds.builtin import configs as C
+from dds.errors import DDSError
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
+STAGE_IDS = {"vae": 1, "unet": 2, "scale": 3, "eval": 4}
+LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _world():
+    try:
+        from dds.world import SceneDataset, collate_scenes
+    except ImportError:  # the package re-exports them; fall back to the module itself
+        from dds.world.scene import SceneDataset, collate_scenes
+    return SceneDataset, collate_scenes
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator of every random draw of one step (independent of resumption)."""
+    s = (int(seed) * 1_000_003 + STAGE_IDS[stage] * 7_919 + int(step) * 104_729) % (2**62)
+    return torch.Generator().manual_seed(s)
+
+
+def data_seed(seed: int, stage: str) -> int:
+    return int(seed) * 10 + STAGE_IDS[stage]
+
+
+def batch_at(cfg: C.TrainConfig, stage: str, step: int, batch_size: int) -> dict[str, Any]:
+    """Fresh scenes for ``step`` (item indices step*B .. step*B+B-1 of the stage's dataset)."""
+    SceneDataset, collate_scenes = _world()
+    ds = SceneDataset(2**40, seed=data_seed(cfg.seed, stage), size=cfg.image_size)
+    return collate_scenes([ds[step * batch_size + j] for j in range(batch_size)])
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10% of ``base``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    t = min(max(t, 0.0), 1.0)
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+
+
+def set_rng_states(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+
+
+def to_pm1(img01: torch.Tensor) -> torch.Tensor:
+    return img01 * 2.0 - 1.0
+
+
+def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [0, 1]."""
+    mse = (a01.clamp(0, 1) - b01.clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> None:
+    """Save (N,3,H,W) images in [0,1] as one PNG grid (nearest upscaling by ``scale``)."""
+    from PIL import Image
+
+    n, _, h, w = images01.shape
+    nrow = math.ceil(n / ncol)
+    grid = torch.ones(3, nrow * (h + 2), ncol * (w + 2))
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = (
+            images01[k].clamp(0, 1)
+        )
+    arr = (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    im = Image.fromarray(arr)
+    if scale != 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+class CsvLog:
+    """``log.csv`` (stage, step, loss, lr, seconds); rows past a resumed step are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        order = list(STAGE_IDS)
+        keep = []
+        for r in rows:
+            if order.index(r["stage"]) < order.index(stage):
+                keep.append(r)
+            elif r["stage"] == stage and int(r["step"]) <= step:
+                keep.append(r)
+        self._write_all(keep)
+
+    def _write_all(self, rows: list[dict]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix="log.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(
+                {
+                    "stage": stage,
+                    "step": step,
+                    "loss": f"{loss:.6f}",
+                    "lr": f"{lr:.6g}",
+                    "seconds": f"{seconds:.1f}",
+                }
+            )
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+class EMA:
+    """Exponential moving average of a set of modules' parameters (with diffusers' warm-up)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {
+            name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+            for name, m in modules.items()
+        }
+
+    @torch.no_grad()
+    def copy_from(self, modules: dict[str, torch.nn.Module]) -> None:
+        for name, m in modules.items():
+            for k, v in m.state_dict().items():
+                self.shadow[name][k].copy_(v)
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], n_updates: int) -> None:
+        d = min(self.decay, (1 + n_updates) / (10 + n_updates))
+        for name, m in modules.items():
+            sh = self.shadow[name]
+            for k, v in m.state_dict().items():
+                if v.dtype.is_floating_point:
+                    sh[k].lerp_(v.detach(), 1.0 - d)
+                else:
+                    sh[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.decay = s["decay"]
+        self.shadow = s["shadow"]
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """Exactly what ``StableDiffusionPipeline.encode_prompt`` computes (no attention mask)."""
+    return text_encoder(tokenize(tokenizer, captions))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------
+
+
+def vae_loss(vae, x01: torch.Tensor, kl_weight: float, generator: torch.Generator):
+    x = to_pm1(x01)
+    post = vae.encode(x).latent_dist
+    z = post.sample(generator=generator)
+    rec = vae.decode(z).sample
+    rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    kl = post.kl().mean() / float(z[0].numel())
+    return rec_loss + kl_weight * kl, rec
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, x01: torch.Tensor) -> torch.Tensor:
+    z = vae.encode(to_pm1(x01)).latent_dist.mean
+    return ((vae.decode(z).sample + 1.0) / 2.0).clamp(0, 1)
+
+
+@torch.no_grad()
+def vae_latent_std(vae, cfg: C.TrainConfig, n: int = 512, bs: int = 64) -> float:
+    """Std of the latents (``latent_dist.mean``) of ``n`` training scenes."""
+    zs = []
+    for k in range(math.ceil(n / bs)):
+        b = batch_at(cfg, "scale", k, bs)
+        zs.append(vae.encode(to_pm1(b["image"])).latent_dist.mean)
+    return float(torch.cat(zs)[:n].std())
+
+
+@torch.no_grad()
+def vae_eval_psnr(vae, cfg: C.TrainConfig, n: int = 256, bs: int = 64) -> float:
+    """Mean PSNR (dB) of reconstructions of ``n`` held-out scenes."""
+    vals = []
+    for k in range(math.ceil(n / bs)):
+        b = batch_at(cfg, "eval", k, bs)
+        vals.append(psnr(vae_reconstruct(vae, b["image"]), b["image"]))
+    return float(torch.cat(vals)[:n].mean())
+
+
+def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: list):
+    """Stage 1. Returns (vae, info) once finished, or (None, info) when stopped early."""
+    ckpt_path = run_dir / "vae.pt"
+    log = CsvLog(run_dir / "log.csv")
+    torch.manual_seed(cfg.seed)
+    vae = C.build_vae(cfg.vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step, seconds, info = 0, 0.0, {}
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        set_rng_states(ck["rng"])
+        step, seconds, info = ck["step"], ck["seconds"], ck.get("info", {})
+        if ck.get("done"):
+            vae.register_to_config(scaling_factor=info["scaling_factor"])
+            vae.eval().requires_grad_(False)
+            return vae, info
+        log.truncate_after("vae", step)
+    elif not resume:
+        log.truncate_after("vae", -1)
+
+    def save(done: bool) -> None:
+        atomic_torch_save(
+            {
+                "stage": "vae",
+                "config": cfg.to_dict(),
+                "model": vae.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": rng_states(),
+                "step": step,
+                "seconds": seconds,
+                "done": done,
+                "info": info,
+            },
+            ckpt_path,
+        )
+
+    fixed = batch_at(cfg, "eval", 10_000, 8)["image"]
+    bar = _progress(cfg.vae_steps, step, "vae", progress)
+    vae.train()
+    acc, n_acc = 0.0, 0
+    while step < cfg.vae_steps:
+        if budget[0] is not None and budget[0] <= 0:
+            if bar:
+                bar.close()
+            return None, info
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = batch_at(cfg, "vae", step, cfg.vae_batch_size)
+        loss, _ = vae_loss(vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        seconds += time.perf_counter() - t0
+        if budget[0] is not None:
+            budget[0] -= 1
+        acc, n_acc = acc + float(loss), n_acc + 1
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            log.write("vae", step, acc / n_acc, lr, seconds)
+            if bar:
+                bar.set_postfix(loss=f"{acc / n_acc:.4f}", lr=f"{lr:.2e}")
+            acc, n_acc = 0.0, 0
+        if bar:
+            bar.update(1)
+        if step % cfg.sample_every == 0 or step == cfg.vae_steps:
+            vae.eval()
+            rec = vae_reconstruct(vae, fixed)
+            save_grid(torch.cat([fixed, rec]), run_dir / "samples" / f"vae_{step:06d}.png", ncol=8)
+            vae.train()
+        if step % cfg.ckpt_every == 0 and step < cfg.vae_steps:
+            save(done=False)
+    if bar:
+        bar.close()
+    vae.eval().requires_grad_(False)
+    std = vae_latent_std(vae, cfg)
+    info = {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "heldout_psnr_db": vae_eval_psnr(vae, cfg),
+    }
+    vae.register_to_config(scaling_factor=info["scaling_factor"])
+    save(done=True)
+    return vae, info
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: UNet + text encoder
+# --------------------------------------------------------------------------------------------
+
+
+def make_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**C.SD_SCHEDULE, clip_sample=False, prediction_type="epsilon")
+
+
+def make_export_scheduler():
+    """Stable Diffusion v1's own scheduler configuration (PNDM, PLMS steps)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        **C.SD_SCHEDULE,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet,
+    text_encoder,
+    tokenizer,
+    vae,
+    captions: list[str],
+    steps: int = 20,
+    guidance: float = 7.5,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Quick classifier-free-guided DDIM samples (N,3,64,64) in [0,1]."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        **C.SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    sched.set_timesteps(steps)
+    n = len(captions)
+    cond = encode_text(text_encoder, tokenizer, captions)
+    uncond = encode_text(text_encoder, tokenizer, [""] * n)
+    ctx = torch.cat([uncond, cond])
+    h = unet.config.sample_size
+    lat = torch.randn(
+        n, unet.config.in_channels, h, h, generator=torch.Generator().manual_seed(seed)
+    )
+    for t in sched.timesteps:
+        eps = unet(torch.cat([lat, lat]), t, ctx).sample
+        eu, ec = eps.chunk(2)
+        lat = sched.step(eu + guidance * (ec - eu), t, lat).prev_sample
+    img = vae.decode(lat / vae.config.scaling_factor).sample
+    return ((img + 1.0) / 2.0).clamp(0, 1)
+
+
+def train_unet(
+    cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list
+):
+    """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early."""
+    ckpt_path = run_dir / "unet.pt"
+    log = CsvLog(run_dir / "log.csv")
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = C.build_text_encoder(cfg.text)
+    unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "base_lr": cfg.unet_lr},
+            {"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr},
+        ],
+        lr=cfg.unet_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    ema = EMA(modules, cfg.ema_decay)
+    step, seconds, ema_updates = 0, 0.0, 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        text_encoder.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["optimizer"])
+        ema.load_state_dict(ck["ema"])
+        set_rng_states(ck["rng"])
+        step, seconds, ema_updates = ck["step"], ck["seconds"], ck["ema_updates"]
+        log.truncate_after("unet", step)
+    else:
+        log.truncate_after("unet", -1)
+
+    def save() -> None:
+        atomic_torch_save(
+            {
+                "stage": "unet",
+                "config": cfg.to_dict(),
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema.state_dict(),
+                "ema_updates": ema_updates,
+                "rng": rng_states(),
+                "step": step,
+                "seconds": seconds,
+                "vae_scaling_factor": vae.config.scaling_factor,
+            },
+            ckpt_path,
+        )
+
+    def ema_models():
+        u = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
+        t = C.build_text_encoder(cfg.text)
+        u.load_state_dict(ema.shadow["unet"])
+        t.load_state_dict(ema.shadow["text_encoder"])
+        return u.eval(), t.eval()
+
+    def sample_grid() -> None:
+        u, t = ema_models()
+        caps = list(cfg.sample_captions)
+        imgs = [ddim_sample(u, t, tokenizer, vae, caps, seed=s) for s in range(2)]
+        save_grid(torch.cat(imgs), run_dir / "samples" / f"unet_{step:06d}.png", ncol=len(caps))
+
+    noise_sched = make_noise_scheduler()
+    sf = float(vae.config.scaling_factor)
+    bar = _progress(cfg.unet_steps, step, "unet", progress)
+    unet.train()
+    text_encoder.train()
+    acc, n_acc = 0.0, 0
+    while step < cfg.unet_steps:
+        if budget[0] is not None and budget[0] <= 0:
+            if bar:
+                bar.close()
+            return None, None, {}
+        t0 = time.perf_counter()
+        lr_scale = lr_at(step, cfg.unet_steps, 1.0, cfg.unet_warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        g_step = step_generator(cfg.seed, "unet", step)
+        batch = batch_at(cfg, "unet", step, cfg.batch_size)
+        bs = len(batch["caption"])
+        with torch.no_grad():
+            lat = vae.encode(to_pm1(batch["image"])).latent_dist.sample(generator=g_step) * sf
+        drop = torch.rand(bs, generator=g_step) < cfg.cfg_drop
+        caps = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
+        noise = torch.randn(lat.shape, generator=g_step)
+        ts = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=g_step)
+        noisy = noise_sched.add_noise(lat, noise, ts)
+        ctx = encode_text(text_encoder, tokenizer, caps)
+        pred = unet(noisy, ts, ctx).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            list(unet.parameters()) + list(text_encoder.parameters()), cfg.grad_clip
+        )
+        opt.step()
+        step += 1
+        if step >= cfg.ema_start:
+            ema.update(modules, ema_updates)
+            ema_updates += 1
+        else:  # before EMA starts, the shadow simply follows the weights
+            ema.copy_from(modules)
+        seconds += time.perf_counter() - t0
+        if budget[0] is not None:
+            budget[0] -= 1
+        acc, n_acc = acc + float(loss), n_acc + 1
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            log.write("unet", step, acc / n_acc, cfg.unet_lr * lr_scale, seconds)
+            if bar:
+                bar.set_postfix(loss=f"{acc / n_acc:.4f}", lr=f"{cfg.unet_lr * lr_scale:.2e}")
+            acc, n_acc = 0.0, 0
+        if bar:
+            bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.unet_steps:
+            save()
+        if step % cfg.sample_every == 0 or step == cfg.unet_steps:
+            sample_grid()
+    if bar:
+        bar.close()
+    u, t = ema_models()
+    rows = [r for r in log.rows() if r["stage"] == "unet"]
+    tail = [float(r["loss"]) for r in rows[-20:]]
+    info = {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "final_loss": sum(tail) / max(1, len(tail)),
+        "ema_updates": ema_updates,
+    }
+    return u, t, info
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export_pipeline_folder(
+    out_dir: str | os.PathLike,
+    vae,
+    unet,
+    text_encoder,
+    tokenizer,
+    training: dict | None = None,
+) -> Path:
+    """Write a complete diffusers ``StableDiffusionPipeline`` folder (fp32 safetensors).
+
+    The folder is assembled next to ``out_dir`` and swapped in at the end, so a reader never
+    sees a half-written model. ``training`` (if given) is written as ``training.json``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionPipeline(
+        vae=vae.float().eval(),
+        text_encoder=text_encoder.float().eval(),
+        tokenizer=tokenizer,
+        unet=unet.float().eval(),
+        scheduler=make_export_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if training is not None:
+            (tmp / "training.json").write_text(
+                json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
+            )
+        old = None
+        if out.exists():
+            old = out.parent / (out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def folder_size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e6
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------
+
+
+def _check_config(run_dir: Path, cfg: C.TrainConfig, resume: bool) -> None:
+    path = run_dir / "config.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        arch = ("seed", "vae", "unet", "text", "image_size", "vae_batch_size", "batch_size")
+        mismatch = [k for k in arch if old.get(k) != json.loads(json.dumps(cfg.to_dict()))[k]]
+        if mismatch:
+            raise DDSError(
+                f"the run folder {run_dir} holds a run with a different {', '.join(mismatch)}; "
+                "use another --run-dir or pass --no-resume to start over"
+            )
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def train_builtin(
+    cfg: C.TrainConfig,
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    *,
+    stop_after: int | None = None,
+    command: str | None = None,
+) -> dict:
+    """Train (or resume) the built-in model and export it to ``out_dir``.
+
+    ``stop_after`` stops after that many optimisation steps in this call (as if the run had
+    been killed after its last checkpoint); the return value then has ``"finished": False``.
+    """
+    from dds.tokenizer import clip_tokenizer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT
+    if not resume:
+        for name in ("vae.pt", "unet.pt", "log.csv"):
+            if (run_dir / name).exists():
+                (run_dir / name).unlink()
+    _check_config(run_dir, cfg, resume)
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    tokenizer = clip_tokenizer()
+    budget = [stop_after]
+    t_start = time.time()
+
+    vae, vae_info = train_vae(cfg, run_dir, resume, progress, budget)
+    if vae is None:
+        return {"finished": False, "stage": "vae"}
+    unet, text_encoder, unet_info = train_unet(cfg, run_dir, vae, tokenizer, resume, progress, budget)
+    if unet is None:
+        return {"finished": False, "stage": "unet"}
+
+    training = {
+        "command": command or "python -m dds.builtin.train",
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "vae": vae_info,
+        "unet": unet_info,
+        "params": {
+            "vae": C.count_params(vae),
+            "unet": C.count_params(unet),
+            "text_encoder": C.count_params(text_encoder),
+        },
+        "scaling_factor": vae.config.scaling_factor,
+        "noise_schedule": C.SD_SCHEDULE,
+        "exported_weights": "EMA of the UNet and text encoder",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": _version("diffusers"),
+            "transformers": _version("transformers"),
+        },
+        "threads": cfg.threads,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds_this_call": round(time.time() - t_start, 1),
+    }
+    export_pipeline_folder(out_dir, vae, unet, text_encoder, tokenizer, training)
+    training["size_mb"] = round(folder_size_mb(out_dir), 2)
+    (out_dir / "training.json").write_text(
+        json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
+    )
+    atomic_write_text(run_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
+    return {"finished": True, "out_dir": str(out_dir), **training}
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dds train-builtin",
+        description="Train the built-in text-to-image model on the procedural world and export "
+        "it as a diffusers Stable Diffusion folder (resumable; seeded).",
+    )
+    p.add_argument("--run-dir", default="runs/builtin", help="checkpoints, log.csv, samples")
+    p.add_argument("--out", default=None, help="exported model folder (default: packaged one)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size")
+    p.add_argument("--tiny", action="store_true", help="tiny test-size model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = C.tiny() if args.tiny else C.default()
+    cfg = C.with_overrides(
+        cfg,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    command = "dds train-builtin " + " ".join(argv_used)
+    res = train_builtin(
+        cfg,
+        args.run_dir,
+        args.out,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        command=command.strip(),
+    )
+    if res.get("finished"):
+        print(
+            f"exported {res['out_dir']} ({res['size_mb']} MB); "
+            f"VAE PSNR {res['vae']['heldout_psnr_db']:.2f} dB, "
+            f"scaling factor {res['scaling_factor']:.5f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The `dds` command: one entry point with subcommands.
+
+Every user error is one line on stderr and exit code 2; no traceback, no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from dds.errors import DDSError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+LIST_SUFFIXES = {".csv", ".json", ".jsonl"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"dds: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# ---- edit ---------------------------------------------------------------------------------
+@dataclass
+class Job:
+    image: Path
+    source: str | None
+    target: str
+    out: Path
+
+
+def _read_job_list(path: Path) -> list[dict]:
+    """Rows of {image, source, target[, out]} from a CSV, JSON list or JSON-lines file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DDSError(f"job list '{path}' cannot be read ({e})") from None
+    try:
+        if path.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise DDSError(f"job list '{path}' is not valid {path.suffix[1:].upper()} ({e})") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DDSError(f"job list '{path}' must hold a non-empty list of {{image, source, target}}")
+    for i, r in enumerate(rows, 1):
+        if not r.get("image") or not r.get("target"):
+            raise DDSError(f"job {i} in '{path}' lacks an 'image' or a 'target' entry")
+    return rows
+
+
+def collect_jobs(args) -> list[Job]:
+    src = Path(args.input)
+    method = args.method or "dds"
+    suffix = f"-{method}.png"
+    if src.is_file() and src.suffix.lower() in LIST_SUFFIXES:
+        out_dir = Path(args.out or "dds-out")
+        jobs = []
+        for r in _read_job_list(src):
+            img = Path(r["image"])
+            img = img if img.is_absolute() else src.parent / img
+            out = Path(r["out"]) if r.get("out") else out_dir / (img.stem + suffix)
+            jobs.append(Job(img, r.get("source") or args.source, r["target"], out))
+    elif src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DDSError(f"folder '{src}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        out_dir = Path(args.out or f"{src.name}-{method}")
+        jobs = [Job(p, args.source, args.target, out_dir / (p.stem + suffix)) for p in files]
+    else:
+        out = Path(args.out) if args.out else Path(src.stem + suffix)
+        if out.suffix.lower() != ".png":
+            raise DDSError(f"output '{out}' must end in .png")
+        jobs = [Job(src, args.source, args.target, out)]
+    # Two jobs writing one file, or a job writing over an input, is refused up front.
+    seen: dict[Path, int] = {}
+    inputs = {j.image.resolve() for j in jobs}
+    for j in jobs:
+        key = j.out.resolve()
+        if key in seen:
+            raise DDSError(f"two edits would write '{j.out}'; give each job its own 'out'")
+        seen[key] = 1
+        if key in inputs and not args.overwrite:
+            raise DDSError(f"output '{j.out}' is an input image; choose another --out or add --overwrite")
+    return jobs
+
+
+def cmd_edit(args) -> int:
+    from dds.api import as_image, check_prompts, edit_config, get_backend
+    from dds.edit import EditConfig, edit_latents
+    from dds.images import pil_to_tensor, prepare, save_png, tensor_to_pil
+    from dds.progress import progress_bar
+
+    overrides = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
+                     seed=args.seed)
+    EditConfig().with_(**overrides)  # validate the numbers before any loading
+    if args.save_every is not None and args.save_every <= 0:
+        raise DDSError(f"--save-every {args.save_every} is invalid: it must be a whole number > 0")
+    if args.size is not None and args.size < 8:
+        raise DDSError(f"--size {args.size} is invalid: the long side must be at least 8 pixels")
+    jobs = collect_jobs(args)
+    method = args.method or "dds"
+    for j in jobs:
+        check_prompts(j.source, j.target, method)
+    images = [as_image(j.image) for j in jobs]  # every input is checked before any work
+    todo = [(j, im) for j, im in zip(jobs, images, strict=True)
+            if not (args.resume and j.out.exists())]
+    if len(todo) < len(jobs):
+        print(f"dds: resuming: {len(jobs) - len(todo)} of {len(jobs)} edits already written",
+              file=sys.stderr)
+    backend = get_backend(args.model, dtype=args.precision, device=args.device)
+    cfg = edit_config(backend, **overrides)
+    model_name = str(args.model) if args.model else "built-in"
+    done = len(jobs) - len(todo)
+    try:
+        for k, (job, im) in enumerate(todo, 1):
+            im = prepare(im, args.size or backend.native_size, crop=args.crop)
+            z_hat = backend.encode(pil_to_tensor(im))
+            emb_t = backend.encode_prompt([job.target])
+            emb_s = backend.encode_prompt([job.source or ""])
+            desc = f"{job.image.name} [{k}/{len(todo)}]" if len(todo) > 1 else job.image.name
+            bar = progress_bar(cfg.steps, desc, quiet=args.quiet)
+
+            def on_step(step, z, gnorm, bar=bar, job=job):
+                bar.update(1)
+                bar.set_postfix(grad=f"{float(gnorm.mean()):.3f}")
+                if args.save_every and step % args.save_every == 0 and step < cfg.steps:
+                    snap = job.out.with_name(f"{job.out.stem}-step{step:04d}.png")
+                    save_png(tensor_to_pil(backend.decode(z)), snap)
+
+            z = edit_latents(backend, z_hat, emb_s, emb_t, cfg, callback=on_step)
+            bar.close()
+            info = {"dds": json.dumps({"source": job.source, "target": job.target,
+                                       "model": model_name, "size": list(im.size),
+                                       "config": json.loads(cfg.to_json())})}
+            save_png(tensor_to_pil(backend.decode(z)), job.out, info)
+            done += 1
+            if not args.quiet:
+                print(f"wrote {job.out}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"dds: interrupted: {done} of {len(jobs)} edits written; rerun with --resume to "
+              "finish the rest", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_edit_parser(sub) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="edit images with DDS (or SDS) towards a target prompt",
+        description=(
+            "Zero-shot text-driven editing (Delta Denoising Score, Section 3 of the paper). "
+            "INPUT is an image, a folder of images (same prompts for all), or a CSV/JSON/JSONL "
+            "list of jobs with columns image, source, target (and optionally out). Defaults "
+            "are the reference recipe (SGD lr 0.1, loss x2000 per 64x64 latent, 200 steps, "
+            "guidance 7.5), or the settings a model folder recommends in dds_edit_defaults.json."
+        ),
+        epilog="example: dds edit cat.png --source 'a photo of a cat' --target 'a photo of a "
+        "lion' --model ./stable-diffusion-v1-5 --out lion.png",
+    )
+    p.add_argument("input", metavar="INPUT", help="image file, folder, or .csv/.json/.jsonl job list")
+    p.add_argument("--source", help="caption of the input image (required for DDS)")
+    p.add_argument("--target", help="caption of the edited image")
+    p.add_argument("--model", help="diffusers model folder or cached model id (default: built-in)")
+    p.add_argument("--method", choices=["dds", "sds"], help="score to optimise (default dds)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default 200)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
+    p.add_argument("--seed", type=int, help="random seed for t and noise (default 0)")
+    p.add_argument("--size", type=int, help="working long side in pixels (default: the model's)")
+    p.add_argument("--crop", action="store_true", help="centre-crop to a square first")
+    p.add_argument("--out", help="output PNG (single image) or folder (batch)")
+    p.add_argument("--save-every", type=int, metavar="N", help="also save a preview every N steps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="UNet/text-encoder precision (auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
+    p.add_argument("--resume", action="store_true", help="skip edits whose output already exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_edit)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="dds", description="Text-driven image editing with Delta Denoising Score.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_edit_parser(sub)
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live next to their features (demo, training, evaluation)."""
+    from dds import commands
+
+    return commands.REGISTRY
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DDSError as e:
+        print(f"dds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dds {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""`dds edit` end to end on a tiny model, and every bad input as one sentence with exit 2."""
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dds.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return code, out.err
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def edit_args(model, *extra):
+    return ["edit", *extra, "--model", model, "--steps", "2", "--quiet"]
+
+
+def test_edit_writes_png_with_settings(tiny_sd, photo, tmp_path, capsys):
+    out = tmp_path / "o" / "out.png"
+    code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a cat", "--target", "a dog",
+                                       "--out", out, "--size", "32", "--save-every", "1"))
+    assert code == 0, err
+    im = Image.open(out)
+    assert im.size == (32, 16)  # 40x24 -> long side 32, multiples of 8, aspect kept, no crop
+    meta = json.loads(im.text["dds"])
+    assert meta["target"] == "a dog" and meta["config"]["steps"] == 2
+    assert (tmp_path / "o" / "out-step0001.png").exists()
+    assert not np.array_equal(np.asarray(im), np.asarray(Image.open(photo).resize((32, 16))))
+
+
+def test_edit_cli_subprocess_reproducible(tiny_sd, photo, tmp_path):
+    outs = []
+    for name in ("a.png", "b.png"):
+        r = subprocess.run([sys.executable, "-m", "dds.cli", *edit_args(str(tiny_sd), str(photo)),
+                            "--source", "noise", "--target", "a red circle", "--seed", "3",
+                            "--out", str(tmp_path / name)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs.append(np.asarray(Image.open(tmp_path / name)))
+    assert np.array_equal(*outs)
+
+
+def test_batch_folder_and_job_list(tiny_sd, photo, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.open(photo).save(folder / f"p{i}.png")
+    code, err = run(capsys, *edit_args(tiny_sd, folder, "--source", "a", "--target", "b", "--out",
+                                       tmp_path / "res"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["p0-dds.png", "p1-dds.png"]
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("image,source,target\nimgs/p0.png,a cat,a dog\nimgs/p1.png,a cat,a fox\n")
+    code, err = run(capsys, *edit_args(tiny_sd, jobs, "--out", tmp_path / "res2"))
+    assert code == 0, err
+    assert len(list((tmp_path / "res2").iterdir())) == 2
+    # --resume skips finished edits
+    code, err = run(capsys, *edit_args(tiny_sd, jobs, "--out", tmp_path / "res2", "--resume"))
+    assert code == 0 and "2 of 2 edits already written" in err
+
+
+def test_output_never_overwrites_input(tiny_sd, photo, capsys):
+    code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a", "--target", "b",
+                                       "--out", photo))
+    assert code == 2 and "is an input image" in err
+
+
+def _fake_bomb(path):
+    """A PNG whose header declares 30000x30000 pixels (the data is never decoded)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+BAD_IMAGES = {
+    "missing": (lambda p: None, "does not exist"),
+    "empty": (lambda p: p.write_bytes(b""), "empty file"),
+    "text": (lambda p: p.write_text("hello"), "not an image"),
+    "truncated": (lambda p: p.write_bytes(_png_bytes()[:120]), "damaged or truncated"),
+    "tiny": (lambda p: Image.new("RGB", (1, 1)).save(p), "at least 8 pixels"),
+    "bomb": (_fake_bomb, "decompression bomb"),
+    "folder": (lambda p: p.mkdir(), "holds no images"),
+}
+
+
+def _png_bytes():
+    import io
+
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(b, "PNG")
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_bad_images_refused(tiny_sd, tmp_path, capsys, kind):
+    make, needle = BAD_IMAGES[kind]
+    p = tmp_path / "bad.png"
+    make(p)
+    out = tmp_path / "out.png"
+    code, err = run(capsys, *edit_args(tiny_sd, p, "--source", "a", "--target", "b", "--out", out))
+    assert code == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA"])
+def test_unusual_modes_are_converted(tmp_path, mode):
+    from dds.images import load_image
+
+    a = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    if mode == "I;16":
+        im = Image.fromarray((a * 65535).astype(np.uint16))
+        assert im.mode == "I;16"
+    else:
+        im = Image.fromarray((a * 255).astype(np.uint8), "L").convert(mode)
+    im.save(tmp_path / "x.png")
+    rgb = load_image(tmp_path / "x.png")
+    assert rgb.mode == "RGB" and rgb.size == (16, 16)
+    arr = np.asarray(rgb).astype(int)
+    assert abs(arr[-1, -1, 0] - 255) <= 1 and arr[0, 0, 0] <= 1  # full range kept (16-bit too)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--source", "a", "--target", ""], "target prompt is empty"),
+    (["--source", "  ", "--target", "b"], "source prompt is empty"),
+    (["--source", "a", "--target", "b", "--steps", "-3"], "steps = -3 is invalid"),
+    (["--source", "a", "--target", "b", "--guidance", "nan"], "guidance = nan is invalid"),
+    (["--source", "a", "--target", "b", "--lr", "-1"], "lr = -1.0 is invalid"),
+    (["--source", "a", "--target", "b", "--steps", "x"], "invalid int value"),
+    (["--source", "a", "--target", "b", "--save-every", "0"], "--save-every 0 is invalid"),
+])
+def test_bad_arguments(tiny_sd, photo, tmp_path, capsys, argv, needle):
+    out = tmp_path / "o.png"
+    if "x" in argv:
+        with pytest.raises(SystemExit) as e:
+            main(["edit", str(photo), *argv, "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+    else:
+        code, err = run(capsys, "edit", photo, "--model", tiny_sd, *argv, "--out", out)
+        assert code == 2
+    assert needle in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_long_prompt_warns_and_runs(tiny_sd, photo, tmp_path, capsys):
+    code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a", "--target", "cat " * 90,
+                                       "--out", tmp_path / "o.png"))
+    assert code == 0 and "warning" in err and "more than the text encoder's 77" in err
+
+
+def test_model_missing_component(tiny_sd, photo, tmp_path, capsys):
+    import shutil
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_sd, m)
+    shutil.rmtree(m / "vae")
+    code, err = run(capsys, *edit_args(m, photo, "--source", "a", "--target", "b",
+                                       "--out", tmp_path / "o.png"))
+    assert code == 2 and "lacks the 'vae' folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_subprocess_bad_input_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dds.cli", "edit", str(tmp_path / "nope.png"),
+                        "--source", "a", "--target", "b"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr

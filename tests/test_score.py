@@ -1,0 +1,127 @@
+"""Score math: closed forms on an analytic denoiser, invariants, and the surrogate loss."""
+
+import torch
+
+from dds.score import (
+    alpha_sigma, cfg, dds_grad, grad_to_loss, noise_input, sds_grad, timestep_weight, v_to_eps,
+)
+
+T = 1000
+A_BAR = torch.linspace(0.9991, 0.0047, T)  # any decreasing schedule in (0, 1)
+
+
+def gaussian_denoiser(z_t, t, emb):
+    """Exact E[eps | z_t] for data z ~ N(m, I), where m = emb[:, 0, 0] (per sample).
+
+    With alpha^2 + sigma^2 = 1 the posterior mean of eps is sigma (z_t - alpha m).
+    """
+    alpha, sigma = alpha_sigma(A_BAR, t)
+    m = emb[:, 0, 0].view(-1, 1, 1, 1)
+    return sigma.view(-1, 1, 1, 1) * (z_t - alpha.view(-1, 1, 1, 1) * m)
+
+
+def emb_of(m, b=2):
+    return torch.full((b, 3, 5), float(m))
+
+
+def test_noise_input_closed_form():
+    z, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([10, 700])
+    z_t = noise_input(z, eps, t, A_BAR)
+    for i in range(2):
+        a = A_BAR[t[i]]
+        assert torch.allclose(z_t[i], a.sqrt() * z[i] + (1 - a).sqrt() * eps[i])
+
+
+def test_cfg_limits():
+    u, c = torch.randn(3), torch.randn(3)
+    assert torch.equal(cfg(u, c, 0.0), u)
+    assert torch.allclose(cfg(u, c, 1.0), c)
+    assert torch.allclose(cfg(u, c, 7.5), u + 7.5 * (c - u))
+
+
+def test_sds_closed_form_on_gaussian_denoiser():
+    z, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t, w = torch.tensor([100, 800]), 7.5
+    g = sds_grad(gaussian_denoiser, z, emb_of(0.0), emb_of(2.0), t, eps, A_BAR, w)
+    alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(A_BAR, t))
+    m_w = 0.0 + w * (2.0 - 0.0)
+    expected = sigma * alpha * (z - m_w) - alpha**2 * eps
+    assert torch.allclose(g, expected, atol=1e-5)
+
+
+def test_dds_closed_form_cancels_noise():
+    """On the Gaussian denoiser DDS = sigma alpha [(z - zhat) - w (m_y - m_yhat)]: no eps."""
+    z, zhat = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t, w = torch.tensor([300, 600]), 5.0
+    grads = [dds_grad(gaussian_denoiser, z, zhat, emb_of(0.0), emb_of(3.0), emb_of(1.0), t,
+                      torch.randn(2, 4, 3, 3), A_BAR, w) for _ in range(2)]
+    alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(A_BAR, t))
+    expected = sigma * alpha * ((z - zhat) - w * (3.0 - 1.0))
+    assert torch.allclose(grads[0], expected, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)  # independent of the noise draw
+
+
+class Net(torch.nn.Module):
+    """A small nonlinear, text-conditioned noise predictor (deterministic weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.proj = torch.nn.Linear(5, 4)
+        self.calls = []
+
+    def forward(self, z_t, t, emb):
+        self.calls.append(z_t.shape[0])
+        bias = self.proj(emb.mean(1)).view(-1, 4, 1, 1)
+        return torch.tanh(self.conv(z_t)) * (1 + t.view(-1, 1, 1, 1) / 1000) + bias
+
+
+def test_dds_is_difference_of_sds_and_one_batched_call():
+    net = Net()
+    z, zhat, eps = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
+    t = torch.tensor([50, 400, 948])
+    eu, et, es = torch.randn(3, 7, 5), torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    with torch.no_grad():
+        d = dds_grad(net, z, zhat, eu, et, es, t, eps, A_BAR, 7.5)
+        assert net.calls == [12]  # (source, target) x (uncond, cond) in one batch
+        s1 = sds_grad(net, z, eu, et, t, eps, A_BAR, 7.5)
+        s2 = sds_grad(net, zhat, eu, es, t, eps, A_BAR, 7.5)
+    assert torch.allclose(d, s1 - s2, atol=1e-5)  # Eq. 4
+    assert d.abs().max() > 1e-3
+
+
+def test_dds_zero_for_identical_pairs():
+    net = Net()
+    z, eps, t = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.tensor([77, 900])
+    eu, e = torch.randn(2, 7, 5), torch.randn(2, 7, 5)
+    with torch.no_grad():
+        d = dds_grad(net, z, z.clone(), eu, e, e.clone(), t, eps, A_BAR, 7.5)
+    assert d.abs().max() < 1e-6  # exact up to float rounding across batch positions
+
+
+def test_surrogate_gradient_is_the_score():
+    z = torch.randn(2, 4, 5, 5, requires_grad=True)
+    g = torch.randn(2, 4, 5, 5)
+    grad_to_loss(z, g).backward()
+    assert torch.equal(z.grad, g)
+    z.grad = None
+    (3.0 * grad_to_loss(z, g)).backward()
+    assert torch.allclose(z.grad, 3.0 * g)
+
+
+def test_v_prediction_to_eps():
+    z0, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([5, 999])
+    alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(A_BAR, t))
+    z_t = alpha * z0 + sigma * eps
+    v = alpha * eps - sigma * z0  # the definition of v (Salimans & Ho)
+    assert torch.allclose(v_to_eps(v, z_t, t, A_BAR), eps, atol=1e-5)
+
+
+def test_timestep_weight():
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(timestep_weight(A_BAR, t), torch.ones(3))
+    alpha, sigma = alpha_sigma(A_BAR, t)
+    assert torch.allclose(timestep_weight(A_BAR, t, 1.0, 2.0), alpha * sigma**2)
