@@ -15,7 +15,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def make_tiny_sd(folder: Path, prediction_type: str = "epsilon", scaling_factor: float = 0.5,
                  seed: int = 0) -> Path:
     """Save a complete, tiny, random SD1.x-format folder with the real CLIP tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dds.tokenizer import clip_tokenizer

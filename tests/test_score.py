@@ -3,7 +3,14 @@
 import torch
 
 from dds.score import (
-    alpha_sigma, cfg, dds_grad, grad_to_loss, noise_input, sds_grad, timestep_weight, v_to_eps,
+    alpha_sigma,
+    cfg,
+    dds_grad,
+    grad_to_loss,
+    noise_input,
+    sds_grad,
+    timestep_weight,
+    v_to_eps,
 )
 
 T = 1000

@@ -221,6 +221,18 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from dds.commands import DELEGATED
+
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        try:
+            return int(module.main(argv[1:]) or 0)
+        except DDSError as e:
+            print(f"dds {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -2,4 +2,22 @@
 
 from __future__ import annotations
 
-REGISTRY: list = []
+
+def _demo(sub):
+    from dds.demo import add_parser
+
+    add_parser(sub)
+
+
+# Commands with their own argument parser: `dds NAME ...` hands the rest of the line to them.
+DELEGATED = {
+    "train-builtin": ("dds.builtin.train", "train the built-in model (VAE, then UNet + text encoder)"),
+}
+
+
+def _delegated(sub):
+    for name, (_, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
+
+
+REGISTRY: list = [_demo, _delegated]

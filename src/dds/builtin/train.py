@@ -34,8 +34,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# With more OpenMP threads than free cores (the CPU is often shared), spinning worker threads
+# make every step several times slower; passive waiting avoids that. It must be set before
+# torch loads its OpenMP runtime, so the command line sets it here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from dds.builtin import configs as C
@@ -91,6 +96,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -102,6 +108,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -144,6 +151,7 @@ def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> 
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
     os.close(fd)
     im.save(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -173,6 +181,7 @@ class CsvLog:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(rows)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, self.path)
 
     def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
@@ -363,7 +372,7 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
         seconds += time.perf_counter() - t0
         if budget[0] is not None:
             budget[0] -= 1
-        acc, n_acc = acc + float(loss), n_acc + 1
+        acc, n_acc = acc + loss.detach().item(), n_acc + 1
         if step % cfg.log_every == 0 or step == cfg.vae_steps:
             log.write("vae", step, acc / n_acc, lr, seconds)
             if bar:
@@ -381,13 +390,13 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
     if bar:
         bar.close()
     vae.eval().requires_grad_(False)
-    std = vae_latent_std(vae, cfg)
+    std = vae_latent_std(vae, cfg, n=cfg.scale_images)
     info = {
         "steps": step,
         "seconds": round(seconds, 1),
         "latent_std": std,
         "scaling_factor": 1.0 / std,
-        "heldout_psnr_db": vae_eval_psnr(vae, cfg),
+        "heldout_psnr_db": vae_eval_psnr(vae, cfg, n=cfg.eval_images),
     }
     vae.register_to_config(scaling_factor=info["scaling_factor"])
     save(done=True)
@@ -512,7 +521,10 @@ def train_unet(
     def sample_grid() -> None:
         u, t = ema_models()
         caps = list(cfg.sample_captions)
-        imgs = [ddim_sample(u, t, tokenizer, vae, caps, seed=s) for s in range(2)]
+        imgs = [
+            ddim_sample(u, t, tokenizer, vae, caps, steps=cfg.sample_steps, seed=s)
+            for s in range(2)
+        ]
         save_grid(torch.cat(imgs), run_dir / "samples" / f"unet_{step:06d}.png", ncol=len(caps))
 
     noise_sched = make_noise_scheduler()
@@ -558,7 +570,7 @@ def train_unet(
         seconds += time.perf_counter() - t0
         if budget[0] is not None:
             budget[0] -= 1
-        acc, n_acc = acc + float(loss), n_acc + 1
+        acc, n_acc = acc + loss.detach().item(), n_acc + 1
         if step % cfg.log_every == 0 or step == cfg.unet_steps:
             log.write("unet", step, acc / n_acc, cfg.unet_lr * lr_scale, seconds)
             if bar:
@@ -617,12 +629,20 @@ def export_pipeline_folder(
         requires_safety_checker=False,
     )
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # Also the classic vocab.json / merges.txt, for transformers releases whose
+        # CLIPTokenizer does not read tokenizer.json.
+        from dds.tokenizer import write_vocab_files
+
+        write_vocab_files(tmp / "tokenizer")
         if training is not None:
             (tmp / "training.json").write_text(
                 json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
             )
+        for p in tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
         old = None
         if out.exists():
             old = out.parent / (out.name + ".old")
@@ -686,7 +706,25 @@ def train_builtin(
             if (run_dir / name).exists():
                 (run_dir / name).unlink()
     _check_config(run_dir, cfg, resume)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
+    try:
+        return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_builtin(
+    cfg: C.TrainConfig,
+    run_dir: Path,
+    out_dir: Path,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    command: str | None,
+) -> dict:
+    from dds.tokenizer import clip_tokenizer
+
     tokenizer = clip_tokenizer()
     budget = [stop_after]
     t_start = time.time()

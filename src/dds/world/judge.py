@@ -35,6 +35,7 @@ from dds.world.scene import (
     TEXTURES,
     Edit,
     Scene,
+    object_masks,
     render,
     sample_scene,
 )
@@ -131,12 +132,17 @@ class JudgeNet(nn.Module):
         )
         self.obj_mlp = nn.Sequential(nn.Linear(c[-1], h), nn.ReLU(inplace=True))
         self.shape_head = nn.Linear(h, n["obj0_shape"])
+        # Training-only dense head: per feature cell, the shape under it (or "no object").
+        self.dense_shape = nn.Conv2d(c[-1], n["obj0_shape"] + 1, 1)
+        # ... and the background texture on cells free of objects.
+        self.dense_texture = nn.Conv2d(c[-1], n["texture"], 1)
         self.color_head = nn.Linear(h, n["obj0_color"])
         lin = torch.linspace(-1.0, 1.0, cfg.image_size)
         yy, xx = torch.meshgrid(lin, lin, indexing="ij")
         self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> dict[str, torch.Tensor]:
+        """Logits per attribute; with ``aux`` also the training-only dense outputs."""
         b = x.shape[0]
         x = x * 2.0 - 1.0
         x = torch.cat([x, self.coords.expand(b, -1, -1, -1)], dim=1)
@@ -145,12 +151,17 @@ class JudgeNet(nn.Module):
         g = self.global_mlp(torch.cat([fl.mean(2), fl.amax(2)], dim=1))
         out = {k: head(g) for k, head in self.global_heads.items()}
         pc = F.adaptive_avg_pool2d(self.coords, f.shape[-2:]).expand(b, -1, -1, -1)
-        a = self.attn(torch.cat([f, pc], dim=1)).flatten(2).softmax(-1)  # (b, 2, s*s)
+        a_logits = self.attn(torch.cat([f, pc], dim=1)).flatten(2)  # (b, 2, s*s)
+        a = a_logits.softmax(-1)
         z = self.obj_mlp(torch.einsum("bkn,bcn->bkc", a, fl))  # (b, 2, h)
         shape = self.shape_head(z)
         color = self.color_head(z)
         out["obj0_shape"], out["obj1_shape"] = shape[:, 0], shape[:, 1]
         out["obj0_color"], out["obj1_color"] = color[:, 0], color[:, 1]
+        if aux:
+            out["attn_logits"] = a_logits
+            out["dense_shape"] = self.dense_shape(f)
+            out["dense_texture"] = self.dense_texture(f)
         return out
 
 
@@ -351,6 +362,53 @@ def _accuracies(p: dict[str, np.ndarray], y: dict[str, torch.Tensor]) -> dict[st
 # --------------------------------------------------------------------------------------------
 
 
+def _aux_targets(
+    scenes: Sequence[Scene], cfg: JudgeConfig, cells: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scene: slot masks pooled to ``cells`` x ``cells`` (b, 2, n), which slots exist
+    (b, 2), and the per-cell shape label (b, cells, cells; -100 on barely covered cells)."""
+    size = cfg.image_size
+    k = size // cells
+    masks = np.zeros((len(scenes), 2, size, size), dtype=np.float32)
+    shape_ids = np.full((len(scenes), 2), -1, dtype=np.int64)
+    for i, s in enumerate(scenes):
+        m = object_masks(s, size)
+        masks[i, : len(m)] = m
+        for j, o in enumerate(s.objects):
+            shape_ids[i, j] = cfg.shapes.index(o.shape)
+    pooled = masks.reshape(len(scenes), 2, cells, k, cells, k).mean(axis=(3, 5))
+    present = (shape_ids >= 0).astype(np.float32)
+    cover = pooled.sum(1)
+    dense = np.full((len(scenes), cells, cells), len(cfg.shapes), dtype=np.int64)
+    best = pooled.argmax(1)
+    ids = np.take_along_axis(shape_ids[:, :, None, None].repeat(cells, 2).repeat(cells, 3),
+                             best[:, None], 1)[:, 0]
+    dense = np.where(cover >= 0.25, ids, dense)
+    dense = np.where((cover > 0.02) & (cover < 0.25), -100, dense)
+    return (
+        torch.from_numpy(pooled.reshape(len(scenes), 2, -1)),
+        torch.from_numpy(present),
+        torch.from_numpy(dense),
+    )
+
+
+def _aux_loss(
+    out: dict[str, torch.Tensor], scenes: Sequence[Scene], cfg: JudgeConfig
+) -> torch.Tensor:
+    """Dense shape and texture labels, slot-attention targets (the slot's own object mask)."""
+    cells = out["dense_shape"].shape[-1]
+    pooled, present, dense = _aux_targets(scenes, cfg, cells)
+    loss = F.cross_entropy(out["dense_shape"], dense, ignore_index=-100)
+    tex = torch.tensor([cfg.textures.index(s.texture) for s in scenes])
+    free = dense == len(cfg.shapes)  # cells without objects
+    tex_dense = torch.where(free, tex[:, None, None].expand_as(dense), -100)
+    loss = loss + F.cross_entropy(out["dense_texture"], tex_dense, ignore_index=-100)
+    target = pooled / pooled.sum(-1, keepdim=True).clamp_min(1e-6)
+    logp = out["attn_logits"].log_softmax(-1)
+    attn = -(target * logp).sum(-1)  # (b, 2)
+    return loss + 0.5 * (attn * present).sum() / present.sum().clamp_min(1.0)
+
+
 def _held_out(seed: int, n: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
     rng = np.random.default_rng([seed, 7_777_777])
     scenes = [sample_scene(rng) for _ in range(n)]
@@ -387,8 +445,9 @@ def train_judge(
         scenes = [sample_scene(rng) for _ in range(batch_size)]
         x = _augment(render_scenes(scenes, cfg.image_size), g)
         y = scene_labels(scenes, cfg)
-        out = net(x)
+        out = net(x, aux=True)
         loss = sum(F.cross_entropy(out[k], y[k], ignore_index=-100) for k in ATTRIBUTES)
+        loss = loss + _aux_loss(out, scenes, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -407,6 +466,7 @@ def train_judge(
         "n_eval": n_eval,
         "held_out_accuracy": acc,
         "train_seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
     }
     cfg = JudgeConfig(**{**asdict(cfg), "training": info})
     net.cfg = cfg

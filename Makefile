@@ -1,0 +1,35 @@
+# The few commands a user or contributor needs.  Everything installs into ./.venv.
+# TORCH picks the torch build: the default pin is a CPU wheel on machines that carry it
+# locally and the regular PyPI (CUDA) build elsewhere; set TORCH= to keep a torch you already
+# installed in the venv.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install dev demo test slow lint format
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[dev]"
+	# The real CLIP tokenizer vocabulary (used only to build models in tests and training).
+	$(PY) -m pip install -q --no-deps open_clip_torch
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/dds demo
+
+test: install
+	$(PY) -m pytest
+
+slow: install
+	$(PY) -m pytest -m slow
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks

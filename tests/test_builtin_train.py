@@ -1,0 +1,134 @@
+"""The built-in model's tokenizer, trainer, checkpoints/resume and exported diffusers folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dds.builtin import configs as C
+from dds.builtin import train as T
+
+
+def tiny_cfg() -> C.TrainConfig:
+    return C.with_overrides(C.tiny(), vae_steps=4, unet_steps=4, ckpt_every=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("builtin")
+    res = T.train_builtin(tiny_cfg(), root / "run", root / "model", progress=False)
+    return root / "run", root / "model", res
+
+
+def test_clip_tokenizer_matches_openai_ids():
+    from dds.tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77 and tok.pad_token_id == 49407
+
+
+def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
+    run_dir, model_dir, res = full_run
+    assert res["finished"]
+    assert (run_dir / "vae.pt").is_file() and (run_dir / "unet.pt").is_file()
+    with open(run_dir / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == ["vae"] * 4 + ["unet"] * 4
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] * 2
+    assert any(p.name.startswith("vae_") for p in (run_dir / "samples").glob("*.png"))
+    assert any(p.name.startswith("unet_") for p in (run_dir / "samples").glob("*.png"))
+
+    for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (model_dir / sub).is_dir()
+    index = json.loads((model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["requires_safety_checker"] is False
+    assert index["safety_checker"] == [None, None]
+    training = json.loads((model_dir / "training.json").read_text())
+    assert training["seed"] == 0 and training["vae"]["steps"] == 4
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(training["scaling_factor"])
+    assert vae_cfg["scaling_factor"] != 1.0
+
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    assert pipe.tokenizer("a photo of a cat").input_ids[1:3] == [320, 1125]
+    out = pipe(
+        "a red circle on a blue background",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+    i2i = StableDiffusionImg2ImgPipeline.from_pretrained(model_dir)
+    init = torch.rand(1, 3, 64, 64)
+    out = i2i(
+        "a blue circle on a blue background",
+        image=init,
+        strength=0.5,
+        num_inference_steps=4,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def _weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    vae = torch.load(run_dir / "vae.pt", map_location="cpu", weights_only=False)
+    unet = torch.load(run_dir / "unet.pt", map_location="cpu", weights_only=False)
+    return {
+        "vae": vae["model"],
+        "unet": unet["unet"],
+        "text_encoder": unet["text_encoder"],
+        "ema_unet": unet["ema"]["shadow"]["unet"],
+        "ema_text": unet["ema"]["shadow"]["text_encoder"],
+    }
+
+
+def test_killed_runs_resume_to_identical_weights(full_run, tmp_path):
+    run_dir, _, _ = full_run
+    cfg = tiny_cfg()
+    run2 = tmp_path / "run"
+    # killed in the VAE stage (after step 3, last checkpoint at step 2) ...
+    r = T.train_builtin(cfg, run2, tmp_path / "m", progress=False, stop_after=3)
+    assert not r["finished"] and r["stage"] == "vae"
+    # ... and again in the UNet stage (after step 2, checkpoint at step 2) ...
+    r = T.train_builtin(cfg, run2, tmp_path / "m", progress=False, stop_after=4)
+    assert not r["finished"] and r["stage"] == "unet"
+    assert not (tmp_path / "m").exists()
+    # ... then resumed to the end.
+    r = T.train_builtin(cfg, run2, tmp_path / "m", progress=False)
+    assert r["finished"]
+    a, b = _weights(run_dir), _weights(run2)
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    with open(run2 / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] * 2
+
+
+def test_resume_refuses_a_different_model(full_run):
+    from dds.errors import DDSError
+
+    run_dir, _, _ = full_run
+    other = C.with_overrides(tiny_cfg(), seed=1)
+    with pytest.raises(DDSError):
+        T.train_builtin(other, run_dir, None, progress=False, stop_after=0)
+
+
+def test_command_line_parses():
+    p = T.build_parser()
+    a = p.parse_args(["--tiny", "--vae-steps", "3", "--no-resume", "--threads", "1"])
+    assert a.tiny and a.vae_steps == 3 and a.no_resume and a.threads == 1

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from dds.world import sample_edit, sample_scene
+from dds.world.judge import (
+    ATTRIBUTES,
+    DEFAULT_PATH,
+    Judge,
+    JudgeConfig,
+    JudgeNet,
+    render_scenes,
+    save_judge,
+)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    torch.set_num_threads(1)
+    return Judge.load()
+
+
+def test_committed_weights_are_small_and_documented():
+    assert DEFAULT_PATH.is_file()
+    assert DEFAULT_PATH.stat().st_size < 2_000_000
+    j = Judge.load(DEFAULT_PATH)
+    info = j.training_info
+    assert {"steps", "batch_size", "seed"} <= set(info)
+    assert all(v >= 0.99 for v in info["held_out_accuracy"].values())
+    assert sum(p.numel() for p in j.net.parameters()) < 1_000_000
+
+
+def test_judge_reads_fresh_renders(judge):
+    rng = np.random.default_rng(20240607)  # not a training or held-out stream
+    scenes = [sample_scene(rng) for _ in range(200)]
+    acc = judge.attribute_accuracy(render_scenes(scenes), scenes)
+    assert set(acc) == set(ATTRIBUTES)
+    for k, v in acc.items():
+        assert v >= 0.98, (k, v)
+    # predict() decodes to names, and accepts numpy HWC images too
+    imgs = render_scenes(scenes[:8]).numpy().transpose(0, 2, 3, 1)
+    preds = judge.predict(imgs)
+    assert len(preds) == 8
+    agree = sum(p["background"] == s.background for p, s in zip(preds, scenes, strict=True))
+    assert agree >= 7
+    assert all(len(p["objects"]) == p["n_objects"] for p in preds)
+
+
+def test_edit_success_on_ground_truth_and_sources(judge):
+    rng = np.random.default_rng(77)
+    for kind in ("object_color", "background_color", "object_shape", "add_object"):
+        edits = [sample_edit(rng, kind) for _ in range(40)]
+        tgt = render_scenes([e.target for e in edits])
+        src = render_scenes([e.source for e in edits])
+        ok_t = judge.edit_success(tgt, edits)
+        ok_s = judge.edit_success(src, edits)
+        assert ok_t.dtype == bool and ok_t.shape == (40,)
+        assert ok_t.mean() >= 0.95, kind
+        assert ok_s.mean() <= 0.05, kind
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = JudgeConfig(channels=(8, 8, 8, 8, 8, 8), hidden=16)
+    net = JudgeNet(cfg).eval()
+    path = tmp_path / "j.safetensors"
+    save_judge(net, path)
+    j = Judge.load(path)
+    assert j.cfg.channels == cfg.channels and j.cfg.hidden == 16
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = net(x), j.net(x)
+    for k in ATTRIBUTES:
+        assert torch.allclose(a[k], b[k])
+    with pytest.raises(FileNotFoundError):
+        Judge.load(tmp_path / "missing.safetensors")
