@@ -1,26 +1,35 @@
-"""dds: text-driven image editing with Delta Denoising Score (Hertz, Aberman, Cohen-Or 2023)."""
+"""dds: text-driven image editing with Delta Denoising Score (Hertz, Aberman, Cohen-Or 2023).
 
-from dds.api import edit, get_backend
-from dds.backends import Backend, StableDiffusionBackend, load_backend
-from dds.edit import EditConfig, edit_latents
-from dds.errors import DDSError
-from dds.score import cfg, dds_grad, grad_to_loss, noise_input, sds_grad, timestep_weight, v_to_eps
+The public names are imported lazily, so that `dds` (the command) starts fast and can set
+threading options before torch loads.
+"""
 
-__all__ = [
-    "Backend",
-    "DDSError",
-    "EditConfig",
-    "StableDiffusionBackend",
-    "cfg",
-    "dds_grad",
-    "edit",
-    "edit_latents",
-    "get_backend",
-    "grad_to_loss",
-    "load_backend",
-    "noise_input",
-    "sds_grad",
-    "timestep_weight",
-    "v_to_eps",
-]
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "edit": "dds.api",
+    "get_backend": "dds.api",
+    "Backend": "dds.backends",
+    "StableDiffusionBackend": "dds.backends",
+    "load_backend": "dds.backends",
+    "EditConfig": "dds.edit",
+    "edit_latents": "dds.edit",
+    "DDSError": "dds.errors",
+    "cfg": "dds.score",
+    "dds_grad": "dds.score",
+    "grad_to_loss": "dds.score",
+    "noise_input": "dds.score",
+    "sds_grad": "dds.score",
+    "timestep_weight": "dds.score",
+    "v_to_eps": "dds.score",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dds' has no attribute {name!r}")

@@ -28,6 +28,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _quiet_libraries() -> None:
+    # Busy-waiting OpenMP threads slow training many times over on a shared CPU.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -10,6 +10,7 @@ also the vocabulary of OpenAI CLIP / Stable Diffusion 1.x (49408 tokens, ``<|sta
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
@@ -101,5 +102,14 @@ def clip_tokenizer(save_dir: str | os.PathLike | None = None):
         tok = build(save_dir)
         tok.save_pretrained(str(save_dir))
         return tok
-    with tempfile.TemporaryDirectory(prefix="dds-clip-tok-") as tmp:
-        return build(tmp)
+    return copy.deepcopy(_cached_tokenizer(build))
+
+
+_CACHE: list = []
+
+
+def _cached_tokenizer(build):
+    if not _CACHE:
+        with tempfile.TemporaryDirectory(prefix="dds-clip-tok-") as tmp:
+            _CACHE.append(build(tmp))
+    return _CACHE[0]

@@ -77,13 +77,13 @@ class TrainConfig:
     threads: int = 2
     image_size: int = 64
     # Stage 1: VAE.
-    vae_steps: int = 1400
+    vae_steps: int = 2000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
     # Stage 2: UNet + text encoder.
-    unet_steps: int = 3200
+    unet_steps: int = 3000
     batch_size: int = 48
     unet_lr: float = 1.5e-3
     text_lr: float = 1.5e-3

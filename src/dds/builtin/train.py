@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +362,9 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
         for g in opt.param_groups:
             g["lr"] = lr
         batch = batch_at(cfg, "vae", step, cfg.vae_batch_size)
-        loss, _ = vae_loss(vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step))
+        loss, _ = vae_loss(
+            vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
@@ -696,7 +697,6 @@ def train_builtin(
     ``stop_after`` stops after that many optimisation steps in this call (as if the run had
     been killed after its last checkpoint); the return value then has ``"finished": False``.
     """
-    from dds.tokenizer import clip_tokenizer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -732,7 +732,9 @@ def _train_builtin(
     vae, vae_info = train_vae(cfg, run_dir, resume, progress, budget)
     if vae is None:
         return {"finished": False, "stage": "vae"}
-    unet, text_encoder, unet_info = train_unet(cfg, run_dir, vae, tokenizer, resume, progress, budget)
+    unet, text_encoder, unet_info = train_unet(
+        cfg, run_dir, vae, tokenizer, resume, progress, budget
+    )
     if unet is None:
         return {"finished": False, "stage": "unet"}
 

@@ -1,0 +1,204 @@
+"""Quality of the built-in model, measured against the world's exact answers.
+
+- generation: sample from world captions (DDIM, 50 steps, guidance 7.5) and ask the judge
+  whether every attribute the caption mentions is in the image;
+- autoencoder: reconstruction PSNR on held-out scenes;
+- editing: one-attribute edits (object colour, object shape, background colour) on held-out
+  scenes, DDS and SDS at the model's editing defaults, scored by judge success, PSNR to the
+  exact ground-truth re-render and PSNR/SSIM to the source outside the edited region;
+- defaults: the small sweep (on validation scenes, disjoint from the test scenes) from which the
+  model's `dds_edit_defaults.json` is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dds.edit import EditConfig
+from dds.eval.metrics import psnr
+from dds.eval.world_edits import (
+    HELD_OUT_SEED,
+    decode01,
+    held_out_edits,
+    images_of,
+    prepare,
+    run_zero_shot,
+    score,
+    summarise,
+)
+from dds.progress import progress_bar
+from dds.sampling import generate
+from dds.world import caption, parse_caption, sample_scene
+
+VALIDATION_SEED = 20_000  # edits used to choose the defaults; never the test edits
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    gen_single: int = 500
+    gen_double: int = 200
+    gen_steps: int = 50
+    vae_images: int = 500
+    edits_per_kind: int = 200
+    batch_size: int = 50
+
+
+FULL = QualityPreset()
+QUICK = QualityPreset(gen_single=40, gen_double=20, gen_steps=20, vae_images=64,
+                      edits_per_kind=8, batch_size=24)
+
+
+def prompt_agreement(pred: dict, wanted: dict) -> bool:
+    """Does a judge reading agree with every attribute a parsed caption mentions?"""
+    objs = pred["objects"]
+    if len(objs) != len(wanted["objects"]):
+        return False
+    for o, w in zip(objs, wanted["objects"], strict=True):
+        if o["shape"] != w["shape"] or o["color"] != w["color"]:
+            return False
+    if pred["background"] != wanted["background"]:
+        return False
+    return wanted["texture"] is None or pred["texture"] == wanted["texture"]
+
+
+def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
+                    guidance: float = 7.5, seed: int = HELD_OUT_SEED, batch_size: int = 50,
+                    quiet: bool = False) -> dict:
+    rng = np.random.default_rng([seed, 1, n_objects])
+    prompts = [caption(sample_scene(rng, n_objects=n_objects)) for _ in range(n)]
+    agree, per_attr = [], {"objects": [], "background": [], "texture": []}
+    bar = progress_bar(n, f"generation ({n_objects} object{'s' if n_objects > 1 else ''})",
+                       quiet=quiet, unit="img")
+    images = []
+    for i in range(0, n, batch_size):
+        chunk = prompts[i:i + batch_size]
+        z = generate(backend, backend.encode_prompt(chunk), guidance, steps, seed=seed + i)
+        x = decode01(backend, z)
+        images.append(x)
+        for p, text in zip(judge.predict(x), chunk, strict=True):
+            w = parse_caption(text)
+            agree.append(prompt_agreement(p, w))
+            per_attr["objects"].append(
+                [(o["shape"], o["color"]) for o in p["objects"]]
+                == [(o["shape"], o["color"]) for o in w["objects"]])
+            per_attr["background"].append(p["background"] == w["background"])
+            if w["texture"] is not None:
+                per_attr["texture"].append(p["texture"] == w["texture"])
+        bar.update(len(chunk))
+    bar.close()
+    return {"n": n, "all_attributes": float(np.mean(agree)),
+            **{k: float(np.mean(v)) if v else None for k, v in per_attr.items()},
+            "samples": torch.cat(images)[:16]}
+
+
+def eval_vae(backend, n: int, seed: int = HELD_OUT_SEED) -> dict:
+    rng = np.random.default_rng([seed, 2])
+    x = images_of([sample_scene(rng) for _ in range(n)])
+    rec = torch.cat([decode01(backend, backend.encode(x[i:i + 64] * 2 - 1))
+                     for i in range(0, n, 64)])
+    p = psnr(rec, x).numpy()
+    return {"n": n, "psnr_mean": float(p.mean()), "psnr_min": float(p.min()),
+            "psnr_p05": float(np.percentile(p, 5))}
+
+
+def eval_editing(backend, judge, cfg: EditConfig, per_kind: int, batch_size: int = 50,
+                 seed: int = HELD_OUT_SEED, quiet: bool = False) -> dict:
+    edits = held_out_edits(per_kind, seed=seed)
+    prepared = prepare(backend, edits)
+    out = {}
+    for method in ("dds", "sds"):
+        c = cfg.with_(method=method)
+        images = run_zero_shot(backend, edits, c, batch_size=batch_size, prepared=prepared,
+                               desc=f"{method.upper()} on {len(edits)} edits", quiet=quiet)
+        out[method] = summarise(score(images, edits, judge), edits)
+    return out
+
+
+def choose_defaults(backend, judge, lrs=(0.1, 0.2, 0.4), guidances=(5.0, 7.5, 10.0),
+                    steps: int = 200, per_kind: int = 12, quiet: bool = False) -> dict:
+    """Sweep lr x guidance on validation edits; pick the best success then PSNR to truth."""
+    edits = held_out_edits(per_kind, seed=VALIDATION_SEED)
+    prepared = prepare(backend, edits)
+    rows = []
+    for lr in lrs:
+        for w in guidances:
+            cfg = EditConfig(lr=lr, guidance=w, steps=steps)
+            images = run_zero_shot(backend, edits, cfg, batch_size=len(edits), prepared=prepared,
+                                   desc=f"lr {lr} guidance {w}", quiet=quiet)
+            s = summarise(score(images, edits, judge), edits)
+            rows.append({"lr": lr, "guidance": w, **s["all"],
+                         "min_kind_success": min(v["success"] for k, v in s.items() if k != "all")})
+    best = max(rows, key=lambda r: (round(r["min_kind_success"], 2), r["psnr_gt"]))
+    return {"rows": rows, "best": {"lr": best["lr"], "guidance": best["guidance"]}}
+
+
+def run_quality(backend, judge, out_dir: Path, preset: QualityPreset = FULL,
+                quiet: bool = False) -> dict:
+    """All of the built-in model's figures into `out_dir` (report.json, report.md, samples)."""
+    from dds.demo import grid_image
+    from dds.images import save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = out_dir / "parts"
+    parts.mkdir(exist_ok=True)
+
+    def cached(name, fn):
+        f = parts / f"{name}.json"
+        if f.exists():
+            return json.loads(f.read_text())
+        value = fn()
+        samples = value.pop("samples", None) if isinstance(value, dict) else None
+        if samples is not None:
+            tiles = [s.permute(1, 2, 0).numpy() for s in samples]
+            rows = [tiles[i:i + 8] for i in range(0, len(tiles), 8)]
+            save_png(grid_image(rows, [""] * 8, [""] * len(rows), scale=2),
+                     out_dir / f"{name}.png")
+        tmp = f.with_suffix(".part")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(f)
+        return value
+
+    cfg = EditConfig().with_(**backend.edit_defaults)
+    report = {
+        "preset": preset.__dict__,
+        "edit_config": json.loads(cfg.to_json()),
+        "vae": cached("vae", lambda: eval_vae(backend, preset.vae_images)),
+        "generation_single": cached("generation_single", lambda: eval_generation(
+            backend, judge, preset.gen_single, 1, preset.gen_steps, quiet=quiet)),
+        "generation_double": cached("generation_double", lambda: eval_generation(
+            backend, judge, preset.gen_double, 2, preset.gen_steps, quiet=quiet)),
+        "editing": cached("editing", lambda: eval_editing(
+            backend, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet)),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(quality_markdown(report))
+    return report
+
+
+def quality_markdown(r: dict) -> str:
+    g1, g2, v = r["generation_single"], r["generation_double"], r["vae"]
+    lines = [
+        "# Built-in model quality",
+        "",
+        f"Editing settings: `{json.dumps(r['edit_config'])}`",
+        "",
+        "| measure | value | target |",
+        "| --- | --- | --- |",
+        f"| generation, 1 object, all prompt attributes (n={g1['n']}) | {g1['all_attributes']:.1%} | >= 90% |",
+        f"| generation, 2 objects, all prompt attributes (n={g2['n']}) | {g2['all_attributes']:.1%} | (reported) |",
+        f"| VAE reconstruction PSNR, mean (min) (n={v['n']}) | {v['psnr_mean']:.2f} dB ({v['psnr_min']:.2f}) | >= 30 dB |",
+        "",
+        "| edit kind | method | judge success | PSNR to ground truth | PSNR outside edit | SSIM outside edit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in r["editing"]["dds"]:
+        for m in ("dds", "sds"):
+            e = r["editing"][m][kind]
+            lines.append(f"| {kind} (n={e['n']}) | {m.upper()} | {e['success']:.1%} | "
+                         f"{e['psnr_gt']:.2f} | {e['psnr_out']:.2f} | {e['ssim_out']:.3f} |")
+    return "\n".join(lines) + "\n"
