@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q -e ".[dev]"
-	# The real CLIP tokenizer vocabulary (used only to build models in tests and training).
-	$(PY) -m pip install -q --no-deps open_clip_torch
+	# open_clip_torch: the real CLIP vocabulary (to build models); lpips: its linear-layer weights.
+	$(PY) -m pip install -q --no-deps open_clip_torch lpips
 	touch $@
 
 install: $(VENV)/.installed

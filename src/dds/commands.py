@@ -9,6 +9,12 @@ def _demo(sub):
     add_parser(sub)
 
 
+def _eval(sub):
+    from dds.eval.cli import add_parser
+
+    add_parser(sub)
+
+
 # Commands with their own argument parser: `dds NAME ...` hands the rest of the line to them.
 DELEGATED = {
     "train-builtin": ("dds.builtin.train", "train the built-in model (VAE, then UNet + text encoder)"),
@@ -20,4 +26,4 @@ def _delegated(sub):
         sub.add_parser(name, help=help_, add_help=False)
 
 
-REGISTRY: list = [_demo, _delegated]
+REGISTRY: list = [_demo, _eval, _delegated]

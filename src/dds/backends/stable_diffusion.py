@@ -136,9 +136,11 @@ class StableDiffusionBackend:
                 "'v_prediction' (SD2.x) are supported"
             )
         self.alphas_cumprod = sched.alphas_cumprod.float().to(self.device)  # (T,)
-        self.unet.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.text_encoder.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.vae.to(self.device, torch.float32).eval().requires_grad_(False)
+        for module, dtype in ((self.unet, self.dtype), (self.text_encoder, self.dtype),
+                              (self.vae, torch.float32)):
+            if self.device.type != "cpu" or dtype != torch.float32:
+                module.to(self.device, dtype)
+            module.eval().requires_grad_(False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor

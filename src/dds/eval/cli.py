@@ -1,0 +1,113 @@
+"""`dds eval EXPERIMENT`: the paper's Section 5 measurements, written as plots, tables, report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from dds.errors import DDSError
+from dds.eval.experiments import EXPERIMENTS, Context, run_experiment
+
+
+def _summary_line(name: str, summary: dict) -> str:
+    verdicts = [f"{k[:-len('reproduces')].rstrip('_') or 'claim'}: "
+                f"{'reproduces' if v else 'does NOT reproduce'}"
+                for k, v in summary.items() if k.endswith("reproduces") and isinstance(v, bool)]
+    if "fewest_steps_to_95pct" in summary:
+        verdicts.append(f"95% of the final gain at {summary['fewest_steps_to_95pct']} steps")
+    return f"{name}: " + ("; ".join(verdicts) or json.dumps(summary)[:200])
+
+
+# Measurements of the built-in model itself (not paper experiments), see builtin_quality.py.
+MODEL_MEASURES = {
+    "builtin-quality": "Built-in model: generation, autoencoder and editing vs exact ground truth",
+    "builtin-defaults": "Built-in model: lr x guidance sweep on validation edits (--write saves it)",
+}
+
+
+def cmd_model_measure(args) -> int:
+    from dds.api import get_backend
+    from dds.eval import builtin_quality as bq
+    from dds.world import Judge
+
+    backend = get_backend(args.model)
+    judge = Judge.load()
+    out = Path(args.out or f"dds-eval/{args.experiment}")
+    if args.experiment == "builtin-quality":
+        preset = bq.QUICK if args.quick else bq.FULL
+        bq.run_quality(backend, judge, out, preset, quiet=args.quiet)
+        print((out / "report.md").read_text())
+        return 0
+    kw = dict(per_kind=4, lrs=(0.1, 0.4), guidances=(7.5,)) if args.quick else {}
+    result = bq.choose_defaults(backend, judge, quiet=args.quiet, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    for r in result["rows"]:
+        print(f"lr {r['lr']:<5} guidance {r['guidance']:<5} success {r['success']:.3f} "
+              f"(worst kind {r['min_kind_success']:.3f})  PSNR gt {r['psnr_gt']:.2f}  "
+              f"PSNR out {r['psnr_out']:.2f}")
+    print(f"best: {result['best']}")
+    if args.write:
+        target = backend.root / "dds_edit_defaults.json"
+        target.write_text(json.dumps(result["best"], indent=2) + "\n")
+        print(f"wrote {target}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dds.api import get_backend
+    from dds.eval.experiments.common import is_builtin
+
+    if args.experiment in MODEL_MEASURES:
+        return cmd_model_measure(args)
+
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    backend = get_backend(args.model)
+    if args.data is None and args.model is not None and not is_builtin(backend):
+        raise DDSError("a model other than the built-in one needs your images and captions: give "
+                       "--data FOLDER with metadata.jsonl rows {file_name, text, target}")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise DDSError(f"--data '{args.data}' is not a folder")
+    out = Path(args.out or "dds-eval")
+    command = "dds eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    for name in names:
+        ctx = Context(backend=backend, out=out / name if len(names) > 1 or args.out is None else out,
+                      seed=args.seed, quiet=args.quiet, quick=args.quick, data=args.data,
+                      size=args.size, clip=args.clip, lpips=args.lpips_trunk, command=command)
+        summary = run_experiment(name, ctx)
+        print(_summary_line(name, summary))
+        print(f"  wrote {ctx.out / 'report.md'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    lines = "\n".join(f"  {n:<17} {e.title}" for n, e in EXPERIMENTS.items())
+    lines += "\n" + "\n".join(f"  {n:<17} {t}" for n, t in MODEL_MEASURES.items())
+    import argparse
+
+    p = sub.add_parser(
+        "eval", help="run the paper's Section 5 experiments; write plots, tables and a report",
+        description="Runs one of the paper's Section 5 measurements (or all of them) and writes "
+        "PNG plots, CSV/JSON tables and report.md into the output folder. An interrupted run "
+        "resumes: finished units are kept in OUT/parts/.\n\nexperiments:\n" + lines,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all", *MODEL_MEASURES],
+                   metavar="EXPERIMENT",
+                   help="one of: " + ", ".join([*EXPERIMENTS, *MODEL_MEASURES]) + ", or all")
+    p.add_argument("--write", action="store_true",
+                   help="builtin-defaults: save the chosen settings into the model folder")
+    p.add_argument("--quick", action="store_true",
+                   help="the small preset (minutes on a CPU with the built-in model)")
+    p.add_argument("--out", help="output folder (default dds-eval/EXPERIMENT; with `all`, one "
+                   "sub-folder per experiment)")
+    p.add_argument("--model", help="model folder (default: the built-in model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="folder of your images with metadata.jsonl rows {file_name, "
+                   "text, target[, target_file]} (needed for a real model)")
+    p.add_argument("--size", type=int, help="working image side for --data (default: the model's)")
+    p.add_argument("--clip", help="local transformers CLIP folder for the CLIP score (real models)")
+    p.add_argument("--lpips-trunk", help="local AlexNet state dict (torchvision layout) for LPIPS")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,241 @@
+"""Figure 8: statistics of the SDS gradient itself.
+
+score-norms  (left)  E_eps ||grad_z L_SDS(z, y)||_2 per timestep, for aligned pairs (an image and
+                     its own caption) and unaligned ones (the captions permuted).  The paper's
+                     reading: aligned norms are far from zero (the bias direction delta_bias that
+                     DDS removes) yet below the unaligned ones.
+score-cosine (right) cosine between the SDS gradients of two related pairs (a scene and its
+                     one-attribute edit, each with its own caption, same t and eps), against
+                     unrelated pairs (the edit of another scene).  High cosine means the bias
+                     of one can cancel the other's: the premise of DDS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dds.eval import plots
+from dds.eval.experiments.common import (
+    derangement,
+    fmt,
+    seed_gen,
+    timesteps_grid,
+    unit_key,
+    write_csv,
+)
+from dds.progress import progress_bar
+from dds.score import sds_grad
+
+
+def _rows(z: Tensor, d: int) -> Tensor:
+    """(B,...) -> (d*B,...), the d copies draw-major (row k*B + i is pair i, draw k)."""
+    return z.unsqueeze(0).expand(d, *z.shape).reshape(d * z.shape[0], *z.shape[1:])
+
+
+@torch.no_grad()
+def sds_grads_shared(backend, zs: list[Tensor], embs: list[Tensor], t: int, eps: Tensor,
+                     guidance: float) -> list[Tensor]:
+    """SDS gradients (Eq. 1) of several (z, y) sets under the SAME t and eps, in one model batch.
+
+    zs[k], embs[k]: (N,C,h,w), (N,L,D); eps (N,C,h,w).  Returns one (N,C,h,w) per set.
+    """
+    n = eps.shape[0]
+    dev = backend.device
+    z = torch.cat(zs).to(dev)
+    e = torch.cat([eps] * len(zs)).to(dev)
+    y = torch.cat(embs).to(dev)
+    tt = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
+    emb_u = backend.uncond_embedding().to(dev).expand(z.shape[0], -1, -1)
+    g = sds_grad(backend.predict_eps, z, emb_u, y, tt, e, backend.alphas_cumprod, guidance)
+    return list(g.float().cpu().split(n))
+
+
+def noise_draws(n_noise: int, b: int, shape, chunk_rows: int, gen: torch.Generator):
+    """Yield eps chunks (d*B, C, h, w) until n_noise draws per pair are done."""
+    d_max = max(1, chunk_rows // b)
+    done = 0
+    while done < n_noise:
+        d = min(d_max, n_noise - done)
+        yield d, torch.randn((d * b, *shape), generator=gen)
+        done += d
+
+
+def norms_unit(backend, z: Tensor, emb_aligned: Tensor, emb_unaligned: Tensor, t: int,
+               n_noise: int, guidance: float, gen: torch.Generator, chunk_rows: int = 32,
+               bar=None) -> dict[str, list[float]]:
+    """Per pair: mean and std over n_noise draws of the SDS norm, aligned and unaligned.
+
+    Both captions see the same eps, so their difference is not blurred by noise.
+    """
+    b = z.shape[0]
+    s = torch.zeros(2, b, dtype=torch.float64)
+    s2 = torch.zeros(2, b, dtype=torch.float64)
+    for d, eps in noise_draws(n_noise, b, z.shape[1:], chunk_rows, gen):
+        zz = _rows(z, d)
+        ga, gu = sds_grads_shared(backend, [zz, zz], [_rows(emb_aligned, d), _rows(emb_unaligned, d)],
+                                  t, eps, guidance)
+        nrm = torch.stack([ga.flatten(1).norm(dim=1), gu.flatten(1).norm(dim=1)])  # (2, d*B)
+        nrm = nrm.view(2, d, b).double()
+        s += nrm.sum(1)
+        s2 += nrm.pow(2).sum(1)
+        if bar is not None:
+            bar.update(d * b)
+    mean = s / n_noise
+    std = (s2 / n_noise - mean**2).clamp_min(0).sqrt()
+    return {"aligned": mean[0].tolist(), "unaligned": mean[1].tolist(),
+            "aligned_noise_std": std[0].tolist(), "unaligned_noise_std": std[1].tolist()}
+
+
+def cosine_unit(backend, z_a: Tensor, emb_a: Tensor, z_b: Tensor, emb_b: Tensor, z_c: Tensor,
+                emb_c: Tensor, t: int, n_noise: int, guidance: float, gen: torch.Generator,
+                chunk_rows: int = 32, bar=None) -> dict[str, list[float]]:
+    """Per pair, mean over draws of cos(g(z_a,y_a), g(z_b,y_b)) (related) and of
+    cos(g(z_a,y_a), g(z_c,y_c)) (unrelated), all three under the same t and eps."""
+    b = z_a.shape[0]
+    s = torch.zeros(2, b, dtype=torch.float64)
+    for d, eps in noise_draws(n_noise, b, z_a.shape[1:], chunk_rows, gen):
+        ga, gb, gc = sds_grads_shared(
+            backend, [_rows(z_a, d), _rows(z_b, d), _rows(z_c, d)],
+            [_rows(emb_a, d), _rows(emb_b, d), _rows(emb_c, d)], t, eps, guidance)
+        cos = torch.nn.functional.cosine_similarity
+        c = torch.stack([cos(ga.flatten(1), gb.flatten(1), dim=1),
+                         cos(ga.flatten(1), gc.flatten(1), dim=1)])
+        s += c.view(2, d, b).double().sum(1)
+        if bar is not None:
+            bar.update(d * b)
+    m = s / n_noise
+    return {"related": m[0].tolist(), "unrelated": m[1].tolist()}
+
+
+def _stats(v: np.ndarray) -> tuple[float, float, float]:
+    """mean, std and standard error over the last axis."""
+    n = v.shape[-1]
+    sd = v.std(-1, ddof=1) if n > 1 else np.zeros(v.shape[:-1])
+    return v.mean(-1), sd, sd / np.sqrt(n)
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ---- score-norms ------------------------------------------------------------------------------
+def run_score_norms(ctx, p: dict) -> dict:
+    """Figure 8 left.  p: n_pairs, n_noise, n_t, guidance, pair_batch, chunk_rows."""
+    data = ctx.captioned(p["n_pairs"])
+    n = data.z.shape[0]
+    perm = derangement(n, ctx.seed)
+    emb_un = data.emb[perm]
+    ts = timesteps_grid(p["n_t"])
+    parts = ctx.parts({"experiment": "score-norms", **p, "timesteps": ts})
+    bar = progress_bar(len(ts) * n * p["n_noise"], "score-norms (pairs x draws)", ctx.quiet,
+                       unit="grad")
+    al = np.zeros((len(ts), n))
+    un = np.zeros((len(ts), n))
+    for i, t in enumerate(ts):
+        for j, sl in enumerate(_batches(n, p["pair_batch"])):
+            key = unit_key("t", t, "b", j)
+            if parts.has(key):
+                bar.update((sl.stop - sl.start) * p["n_noise"])
+            r = parts.get(key, lambda sl=sl, t=t, j=j: norms_unit(
+                ctx.backend, data.z[sl], data.emb[sl], emb_un[sl], t, p["n_noise"], p["guidance"],
+                seed_gen(ctx.seed, 1, t, j), p["chunk_rows"], bar))
+            al[i, sl], un[i, sl] = r["aligned"], r["unaligned"]
+    bar.close()
+    numel = int(np.prod(data.z.shape[1:]))
+    (am, asd, ase), (um, usd, use) = _stats(al), _stats(un)
+    dm, dsd, dse = _stats(un - al)  # paired: same image, same draws
+    rows = [{"t": t, "aligned_mean": am[i], "aligned_std": asd[i], "aligned_se": ase[i],
+             "unaligned_mean": um[i], "unaligned_std": usd[i], "unaligned_se": use[i],
+             "gap_mean": dm[i], "gap_se": dse[i], "ratio": am[i] / um[i],
+             "aligned_rms_per_element": am[i] / np.sqrt(numel)} for i, t in enumerate(ts)]
+    write_csv(ctx.out / "score_norms.csv", rows)
+    plots.band_lines(ctx.out / "score_norms.png", ts,
+                     {"aligned (own caption)": (am, asd), "unaligned (permuted captions)": (um, usd)},
+                     xlabel="timestep t", ylabel="E_eps ||grad L_SDS||_2",
+                     title=f"Expected SDS gradient norm (mean ± std over {n} pairs, "
+                           f"{p['n_noise']} draws each)")
+    below = int(np.sum(am < um))
+    significant = int(np.sum(dm > 2 * dse))
+    ratio = float(np.mean(am / um))
+    nonzero = bool(np.all(am > 0.1 * um))
+    ok = bool(nonzero and below >= 0.9 * len(ts))
+    summary = {
+        "claim": "aligned SDS norms are non-negligible (not zero) and below the unaligned ones",
+        "reproduces": ok, "timesteps": len(ts), "aligned_below_unaligned_at": below,
+        "gap_above_2se_at": significant, "mean_ratio_aligned_over_unaligned": ratio,
+        "aligned_mean_over_t": float(am.mean()), "unaligned_mean_over_t": float(um.mean()),
+        "aligned_min_over_t": float(am.min()), "latent_elements": numel,
+    }
+    text = (
+        f"Aligned pairs: mean SDS norm {fmt(am.mean())} (per element {fmt(am.mean() / np.sqrt(numel))}),"
+        f" smallest {fmt(am.min())} at t = {ts[int(am.argmin())]}; unaligned: {fmt(um.mean())}. "
+        f"Aligned is below unaligned at {below} of {len(ts)} timesteps (gap above 2 standard errors "
+        f"at {significant}); aligned / unaligned = {fmt(ratio)} on average.\n\n"
+        f"**Claim (aligned norms non-zero and below unaligned): "
+        f"{'reproduces' if ok else 'does NOT reproduce'}** "
+        f"(criteria: aligned > 10% of unaligned at every t: {nonzero}; aligned < unaligned at "
+        f">= 90% of timesteps: {below >= 0.9 * len(ts)})."
+    )
+    ctx.finish("score-norms", p, rows, summary, text, ["score_norms.png"], parts,
+               "Figure 8 (left): expected SDS gradient norm vs timestep, aligned vs unaligned")
+    return summary
+
+
+# ---- score-cosine -----------------------------------------------------------------------------
+def run_score_cosine(ctx, p: dict) -> dict:
+    """Figure 8 right.  p: n_pairs (per edit kind on the world), n_noise, n_t, guidance, ..."""
+    data = ctx.related(p["n_pairs"])
+    n = data.z_a.shape[0]
+    perm = derangement(n, ctx.seed + 1)
+    z_c, emb_c = data.z_b[perm], data.emb_b[perm]
+    ts = timesteps_grid(p["n_t"])
+    parts = ctx.parts({"experiment": "score-cosine", **p, "timesteps": ts})
+    bar = progress_bar(len(ts) * n * p["n_noise"], "score-cosine (pairs x draws)", ctx.quiet,
+                       unit="pair")
+    rel = np.zeros((len(ts), n))
+    unr = np.zeros((len(ts), n))
+    for i, t in enumerate(ts):
+        for j, sl in enumerate(_batches(n, p["pair_batch"])):
+            key = unit_key("t", t, "b", j)
+            if parts.has(key):
+                bar.update((sl.stop - sl.start) * p["n_noise"])
+            r = parts.get(key, lambda sl=sl, t=t, j=j: cosine_unit(
+                ctx.backend, data.z_a[sl], data.emb_a[sl], data.z_b[sl], data.emb_b[sl], z_c[sl],
+                emb_c[sl], t, p["n_noise"], p["guidance"], seed_gen(ctx.seed, 2, t, j),
+                p["chunk_rows"], bar))
+            rel[i, sl], unr[i, sl] = r["related"], r["unrelated"]
+    bar.close()
+    (rm, rsd, rse), (um, usd, use) = _stats(rel), _stats(unr)
+    dm, _, dse = _stats(rel - unr)
+    rows = [{"t": t, "related_mean": rm[i], "related_std": rsd[i], "related_se": rse[i],
+             "unrelated_mean": um[i], "unrelated_std": usd[i], "unrelated_se": use[i],
+             "gap_mean": dm[i], "gap_se": dse[i]} for i, t in enumerate(ts)]
+    write_csv(ctx.out / "score_cosine.csv", rows)
+    plots.band_lines(ctx.out / "score_cosine.png", ts,
+                     {"related (scene and its edit)": (rm, rsd), "unrelated (another scene)": (um, usd)},
+                     xlabel="timestep t", ylabel="cos(grad_SDS(z, y), grad_SDS(z', y'))",
+                     title=f"Cosine of SDS directions (mean ± std over {n} pairs)", ylim=(-1, 1))
+    above = int(np.sum(rm > um))
+    high = float(rm.mean())
+    ok = bool(above >= 0.9 * len(ts) and high >= 0.5)
+    summary = {
+        "claim": "SDS directions of related pairs are highly correlated, more than unrelated",
+        "reproduces": ok, "timesteps": len(ts), "related_above_unrelated_at": above,
+        "gap_above_2se_at": int(np.sum(dm > 2 * dse)), "related_mean_over_t": high,
+        "unrelated_mean_over_t": float(um.mean()), "related_min_over_t": float(rm.min()),
+        "related_max_over_t": float(rm.max()),
+    }
+    text = (
+        f"Related pairs: mean cosine {fmt(high)} (range {fmt(rm.min())} to {fmt(rm.max())} over t); "
+        f"unrelated: {fmt(um.mean())}. Related above unrelated at {above} of {len(ts)} timesteps "
+        f"(gap above 2 standard errors at {summary['gap_above_2se_at']}).\n\n"
+        f"**Claim (related-pair cosine high and above unrelated): "
+        f"{'reproduces' if ok else 'does NOT reproduce'}** (criteria: related mean >= 0.5: "
+        f"{high >= 0.5}; related > unrelated at >= 90% of timesteps: {above >= 0.9 * len(ts)})."
+    )
+    ctx.finish("score-cosine", p, rows, summary, text, ["score_cosine.png"], parts,
+               "Figure 8 (right): cosine of SDS directions of related vs unrelated pairs")
+    return summary
+
