@@ -6,23 +6,29 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install dev demo test slow lint format
+.PHONY: install browser demo test slow lint format
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ui]"
 	# open_clip_torch: the real CLIP vocabulary (to build models); lpips: its linear-layer weights.
 	$(PY) -m pip install -q --no-deps open_clip_torch lpips
 	touch $@
 
 install: $(VENV)/.installed
 
+$(VENV)/.browser: $(VENV)/.installed scripts/install-browser.sh
+	VENV=$(VENV) scripts/install-browser.sh
+	touch $@
+
+browser: $(VENV)/.browser
+
 demo: install
 	$(VENV)/bin/dds demo
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 slow: install

@@ -15,6 +15,12 @@ def _eval(sub):
     add_parser(sub)
 
 
+def _ui(sub):
+    from dds.ui.cli import add_parser
+
+    add_parser(sub)
+
+
 # Commands with their own argument parser: `dds NAME ...` hands the rest of the line to them.
 DELEGATED = {
     "train-builtin": ("dds.builtin.train", "train the built-in model (VAE, then UNet + text encoder)"),
@@ -26,4 +32,4 @@ def _delegated(sub):
         sub.add_parser(name, help=help_, add_help=False)
 
 
-REGISTRY: list = [_demo, _eval, _delegated]
+REGISTRY: list = [_demo, _eval, _ui, _delegated]

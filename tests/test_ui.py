@@ -1,0 +1,236 @@
+"""The web app's logic without a browser: live previews, cancel, bad inputs as one sentence,
+bundled examples, the `dds ui` parser, and several edits at once through Gradio's queue."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dds.ui.app import EditSession, bundled_examples, photo_examples, world_examples
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def session(tiny_sd, tmp_path_factory):
+    return EditSession(str(tiny_sd), defaults={"size": SIZE, "steps": 6},
+                       out_dir=tmp_path_factory.mktemp("ui-out"))
+
+
+@pytest.fixture
+def photo():
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+
+
+def one_sentence(text: str) -> bool:
+    return bool(text) and "\n" not in text and "Traceback" not in text and text.endswith(".")
+
+
+def test_examples_world_and_photos():
+    scenes = world_examples(3)
+    assert len(scenes) == 3
+    for e in scenes:
+        assert e.kind == "scene" and e.image.mode == "RGB" and e.targets
+        assert all(t != e.source for t in e.targets)
+        # a colour/shape/background edit changes one word of the caption
+        diffs = [sum(a != b for a, b in zip(e.source.split(), t.split(), strict=False))
+                 for t in e.targets if len(t.split()) == len(e.source.split())]
+        assert 1 in diffs
+    photos = photo_examples()
+    assert any("Grace Hopper" in p.name for p in photos)  # matplotlib ships it
+    assert bundled_examples(builtin=True)[0].kind == "scene"
+    assert bundled_examples(builtin=False)[0].kind == "photo"
+
+
+def test_edit_yields_previews_and_a_result(session, photo):
+    ups = list(session.run(photo, "noise", "a red circle", steps=8, preview_every=2))
+    previews = [u.preview for u in ups if u.preview is not None and not u.done]
+    assert len(previews) >= 2
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(previews, previews[1:], strict=False))
+    last = ups[-1]
+    assert last.done and not last.stopped and last.step == 8 and last.total == 8
+    assert last.result.size == last.input.size == (SIZE, 16)
+    assert np.abs(np.asarray(last.result, np.int16) - np.asarray(last.input, np.int16)).mean() > 1
+    assert not session.running("default")
+
+
+def test_cancel_stops_at_once_and_keeps_latest(session, photo):
+    seen = []
+    for u in session.run(photo, "noise", "a red circle", steps=10_000, key="k", preview_every=1):
+        seen.append(u)
+        if u.step >= 3 and not u.done:
+            assert session.cancel("k")
+    last = seen[-1]
+    assert last.done and last.stopped and 3 <= last.step < 50 and last.result is not None
+    assert not session.cancel("k")  # nothing runs any more
+
+
+def test_page_edit_records_history_and_png(session, photo):
+    outs = list(session.page_edit(photo, "noise", "a red circle", "dds", 7.5, 4, 0.1, 3, SIZE,
+                                  [], key="p"))
+    final = outs[-1]
+    assert final["running"] is False and final["message"].startswith("Edit done")
+    before, after = final["result"]
+    assert before.size == after.size
+    im = Image.open(final["download"])
+    assert '"seed": 3' in im.text["dds"] and '"target": "a red circle"' in im.text["dds"]
+    (h,) = final["history"]
+    assert h["steps"] == 4 and h["seed"] == 3 and h["method"] == "dds"
+
+
+def _png_header(w: int, h: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("case", ["none", "text", "truncated", "bomb", "tiny", "empty-target",
+                                  "no-source", "steps", "size", "method", "pasted"])
+def test_bad_inputs_are_one_sentence(session, photo, tmp_path, case):
+    from dds.ui.app import _BadUpload
+
+    image, source, target, kw = photo, "noise", "a red circle", {}
+    if case == "none":
+        image = None
+    elif case == "text":
+        image = tmp_path / "x.png"
+        image.write_text("not an image")
+    elif case == "truncated":
+        image = tmp_path / "t.png"
+        photo.save(image)
+        image.write_bytes(image.read_bytes()[:60])
+    elif case == "bomb":
+        image = tmp_path / "bomb.png"
+        image.write_bytes(_png_header(20_000, 20_000))
+    elif case == "tiny":
+        image = Image.new("RGB", (4, 4))
+    elif case == "empty-target":
+        target = "  "
+    elif case == "no-source":
+        source = ""
+    elif case == "steps":
+        kw["steps"] = 2.5
+    elif case == "size":
+        kw["size"] = 100_000
+    elif case == "method":
+        kw["method"] = "magic"
+    elif case == "pasted":
+        image = _BadUpload("the pasted image could not be read; paste or upload a PNG or JPEG "
+                           "image")
+    args = dict(method="dds", guidance=7.5, steps=3, lr=0.1, seed=0, size=SIZE)
+    args.update(kw)
+    outs = list(session.page_edit(str(image) if hasattr(image, "write_text") else image,
+                                  source, target, history=[], key=f"bad-{case}", **args))
+    assert len(outs) == 1 and outs[0]["running"] is False
+    assert one_sentence(outs[0]["error"]), outs[0]["error"]
+    assert outs[0]["message"].startswith("**Cannot edit:**")
+    assert not session.running(f"bad-{case}")
+
+
+def test_one_edit_per_page_at_a_time(session, photo):
+    first = session.run(photo, "noise", "a red circle", steps=10_000, key="busy")
+    next(first)
+    try:
+        outs = list(session.page_edit(photo, "noise", "x", "dds", 7.5, 3, 0.1, 0, SIZE, [],
+                                      key="busy"))
+        assert "already running" in outs[0]["error"]
+    finally:
+        session.cancel("busy")
+        list(first)
+
+
+def test_cli_parser_defaults():
+    from dds.cli import Parser
+    from dds.ui.cli import add_parser
+
+    p = Parser(prog="dds")
+    add_parser(p.add_subparsers(dest="command"))
+    a = p.parse_args(["ui"])
+    assert (a.host, a.port, a.share, a.concurrency, a.model, a.translator) == (
+        "127.0.0.1", 7860, False, 1, None, None)
+    a = p.parse_args(["ui", "--model", "m", "--share", "--concurrency", "2", "--port", "9000"])
+    assert a.share and a.concurrency == 2 and a.port == 9000 and a.model == "m"
+
+
+# ---- through Gradio ---------------------------------------------------------------------------
+
+
+def test_upload_preprocess_never_raises():
+    pytest.importorskip("gradio")
+    from gradio.data_classes import ImageData
+
+    from dds.ui.app import _BadUpload, upload_image
+
+    comp = upload_image(render=False)
+    bad = comp.preprocess(ImageData(url="data:image/png;base64,bm90IGFuIGltYWdl"))
+    assert isinstance(bad, _BadUpload) and bad.message.endswith("image")
+
+
+class CountingBackend:
+    """The tiny backend, counting how many edits use the model at the same moment."""
+
+    def __init__(self, inner):
+        self._inner, self.now, self.most, self._lock = inner, 0, 0, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def predict_eps(self, *a, **k):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return self._inner.predict_eps(*a, **k)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_simultaneous_edits_through_the_queue(tiny_backend, photo, tmp_path, concurrency):
+    pytest.importorskip("gradio")
+    client_mod = pytest.importorskip("gradio_client")
+    from dds.ui.app import build_app, launch
+
+    backend = CountingBackend(tiny_backend)
+    session = EditSession(backend, defaults={"size": SIZE}, out_dir=tmp_path / "out")
+    demo = build_app(session=session, examples=[], concurrency=concurrency)
+    port = _free_port()
+    launch(demo, port=port, block=False, quiet=True)
+    try:
+        path = tmp_path / "in.png"
+        photo.save(path)
+        url = f"http://127.0.0.1:{port}/"
+        jobs = []
+        for i in range(3):  # three pages (sessions), submitted at once
+            c = client_mod.Client(url, verbose=False)
+            jobs.append(c.submit(client_mod.handle_file(str(path)), "noise", f"target {i}", "dds",
+                                 7.5, 5, 0.1, i, SIZE, api_name="/edit"))
+        messages = [j.result(timeout=300)[4] for j in jobs]
+        assert all(m.startswith("Edit done") for m in messages), messages
+        assert backend.most <= concurrency
+        if concurrency == 1:
+            assert backend.most == 1
+        bad = client_mod.Client(url, verbose=False).predict(
+            client_mod.handle_file(str(path)), "noise", "", "dds", 7.5, 5, 0.1, 0, SIZE,
+            api_name="/edit")
+        assert "target prompt is empty" in bad[4] and "\n" not in bad[4]
+    finally:
+        demo.close()

@@ -1,0 +1,206 @@
+"""`dds ui` end to end in a real browser (headless Chromium driven by Playwright).
+
+The page runs in this process (a server thread) on the tiny model.  The test uploads an image,
+types the prompts, sets the steps in the Advanced accordion, runs an edit and watches the
+live preview change before the end, checks the before/after result and the downloaded PNG,
+then starts a long edit, cancels it mid-way and checks that it stopped and kept a result.
+Screenshots are kept in test-artifacts/.
+
+Skipped (with the reason) when gradio, playwright or a Chromium binary is missing.  The
+browser is found at $DDS_CHROMIUM, else /usr/bin/chromium, else `chromium` on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install 'dds[ui]')")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser test needs playwright (pip install playwright)")
+
+
+def _chromium() -> str | None:
+    for cand in (os.environ.get("DDS_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+CHROMIUM = _chromium()
+if CHROMIUM is None and os.environ.get("DDS_REQUIRE_BROWSER"):
+    raise RuntimeError("DDS_REQUIRE_BROWSER is set but no Chromium binary was found "
+                       "(apt-get install chromium, or set DDS_CHROMIUM)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium binary (apt-get install chromium, or set DDS_CHROMIUM)")
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-dev-shm-usage"]
+SIZE = 32  # the tiny model's native size is 16 px
+T = 120_000  # ms: generous, for a loaded machine; a free one needs a fraction
+
+# Records every state of the progress bar and every preview image the page shows, so the
+# test sees a preview change even when it happens between two polls.
+OBSERVE = """() => {
+  window.__dds = [];
+  const rec = () => {
+    const p = document.querySelector('#dds-progress');
+    const img = document.querySelector('#dds-preview img');
+    const e = {state: p ? p.dataset.state : null, step: p ? +p.dataset.step : -1,
+               src: img ? img.getAttribute('src') : null};
+    const last = window.__dds[window.__dds.length - 1];
+    if (!last || last.state !== e.state || last.step !== e.step || last.src !== e.src)
+      window.__dds.push(e);
+  };
+  new MutationObserver(rec).observe(document.body,
+      {subtree: true, childList: true, attributes: true, characterData: true});
+  rec();
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd, tmp_path_factory):
+    from dds.ui.app import build_app, launch
+
+    demo = build_app(str(tiny_sd), defaults={"size": SIZE, "steps": 8}, preview_every=2)
+    port = _free_port()
+    launch(demo, port=port, block=False, quiet=True)
+    yield f"http://127.0.0.1:{port}/", demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    url, _ = server
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=LAUNCH_ARGS)  # a fresh, empty profile
+        ctx = browser.new_context(viewport={"width": 1300, "height": 1100}, accept_downloads=True)
+        pg = ctx.new_page()
+        pg.set_default_timeout(T)
+        # Nothing leaves the machine: any request not to the app itself is refused.
+        pg.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url.rstrip("/"))
+                 else r.abort())
+        pg.goto(url, wait_until="load")
+        pg.wait_for_selector("#dds-run")
+        yield pg
+        ctx.close()
+        browser.close()
+
+
+def _state(page) -> dict:
+    return page.evaluate("""() => { const p = document.querySelector('#dds-progress');
+        return p ? {state: p.dataset.state, step: +p.dataset.step, total: +p.dataset.total}
+                 : {}; }""")
+
+
+def _fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")  # commit the value (number fields update on blur)
+
+
+def _wait_state(page, states: tuple[str, ...], timeout_s: float) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        s = _state(page)
+        if s.get("state") in states:
+            return s
+        page.wait_for_timeout(50)
+    raise AssertionError(f"the page did not reach {states}; it shows {_state(page)}")
+
+
+def test_edit_preview_download_and_cancel(page, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "upload.png"
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photo)
+
+    # Upload an image (replacing the example shown at start) and wait for the round trip.
+    old_src = page.locator("#dds-input img").first.get_attribute("src")
+    page.locator("#dds-input input[type=file]").set_input_files(str(photo))
+    page.wait_for_function(
+        "old => { const i = document.querySelector('#dds-input img');"
+        " return i && i.getAttribute('src') && i.getAttribute('src') !== old; }", arg=old_src)
+
+    _fill(page, "dds-source", "a photo of colourful noise")
+    _fill(page, "dds-target", "a photo of a red circle")
+    page.get_by_text("Advanced").click()
+    _fill(page, "dds-steps", 12)
+
+    # ---- a full edit: the preview changes while it runs, and a result arrives -------------
+    page.evaluate(OBSERVE)
+    page.click("#dds-run")
+    done = _wait_state(page, ("done", "stopped", "failed"), T / 1000)
+    assert done["state"] == "done" and done["step"] == 12, done
+    log = page.evaluate("window.__dds")
+    running_srcs = {e["src"] for e in log if e["state"] == "running" and e["src"]}
+    assert len(running_srcs) >= 2, f"the live preview did not change during the edit: {log}"
+    assert "Edit done" in page.locator("#dds-message").inner_text()
+    page.wait_for_selector("#dds-result img")
+    page.screenshot(path=str(ARTIFACTS / "ui-browser.png"), full_page=True)
+
+    with page.expect_download() as dl:
+        page.click("#dds-download")
+    out = tmp_path / "result.png"
+    dl.value.save_as(out)
+    result = Image.open(out)
+    meta = json.loads(result.text["dds"])
+    assert meta["target"] == "a photo of a red circle" and meta["steps"] == 12
+    from dds.images import prepare
+
+    before = np.asarray(prepare(Image.open(photo).convert("RGB"), SIZE), dtype=np.int16)
+    after = np.asarray(result.convert("RGB"), dtype=np.int16)
+    assert after.shape == before.shape == (24, 32, 3)
+    assert np.abs(after - before).mean() > 1.0, "the result equals the input"
+
+    # ---- a long edit, cancelled mid-way: it stops at once and keeps the latest result ------
+    _fill(page, "dds-steps", 5000)
+    page.evaluate("window.__dds = []")
+    page.click("#dds-run")
+    end = time.monotonic() + T / 1000
+    while not (_state(page).get("state") == "running" and _state(page).get("step", 0) >= 4):
+        assert time.monotonic() < end, f"the second edit did not start: {_state(page)}"
+        page.wait_for_timeout(50)
+    page.click("#dds-cancel")
+    t_cancel = time.monotonic()
+    stopped = _wait_state(page, ("done", "stopped", "failed"), 60)
+    assert stopped["state"] == "stopped", stopped
+    assert 4 <= stopped["step"] < 5000
+    assert time.monotonic() - t_cancel < 30, "cancel took too long"
+    msg = page.locator("#dds-message").inner_text()
+    assert f"stopped at step {stopped['step']} of 5000" in msg, msg
+    history = page.locator("#dds-history").inner_text()
+    assert "done in" in history and "stopped at step" in history
+    page.screenshot(path=str(ARTIFACTS / "ui-browser-cancel.png"), full_page=True)
+
+
+def test_bad_upload_is_one_sentence(page, tmp_path):
+    # A 4x4 image is a real image that the editor refuses: one sentence, no stack trace.
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (4, 4), "red").save(tiny)
+    page.locator("#dds-input input[type=file]").set_input_files(str(tiny))
+    page.wait_for_timeout(500)
+    page.click("#dds-run")
+    page.wait_for_function(
+        "() => document.querySelector('#dds-message').innerText.includes('Cannot edit')")
+    msg = page.locator("#dds-message").inner_text().strip()
+    assert "at least 8 pixels" in msg and "Traceback" not in msg and "\n" not in msg, msg
