@@ -21,9 +21,16 @@ def _ui(sub):
     add_parser(sub)
 
 
+def _translate(sub):
+    from dds.translate.cli import add_parser
+
+    add_parser(sub)
+
+
 # Commands with their own argument parser: `dds NAME ...` hands the rest of the line to them.
 DELEGATED = {
     "train-builtin": ("dds.builtin.train", "train the built-in model (VAE, then UNet + text encoder)"),
+    "translate-train": ("dds.translate.train", "train a one-pass translation network with DDS (Section 4)"),
 }
 
 
@@ -32,4 +39,4 @@ def _delegated(sub):
         sub.add_parser(name, help=help_, add_help=False)
 
 
-REGISTRY: list = [_demo, _eval, _ui, _delegated]
+REGISTRY: list = [_demo, _eval, _ui, _translate, _delegated]

@@ -1,0 +1,267 @@
+"""The translation network (paper Section 4): network surgery, tasks, data, training,
+exact resume after SIGKILL, damaged checkpoints, inference and its CLI, on a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dds.cli import main
+from dds.errors import DDSError
+from dds.translate.data import FolderSources, TaskTable, WorldSources, load_tasks, parse_task
+from dds.translate.train import TrainConfig, guidance, lambda_id, latest_good, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def small_cfg(tiny_sd, out, **kw):
+    d = dict(out=str(out), model=str(tiny_sd), tasks=("circle:square", "circle:star"),
+             world_size=40, resolution=16, steps=4, batch_size=2, checkpoint_every=2,
+             val_every=2, val_images=2, log_every=1, device="cpu", quiet=True)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return {**load_file(Path(folder) / "unet.safetensors"),
+            **{f"task.{k}": v for k, v in load_file(Path(folder) / "tasks.safetensors").items()}}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd, tmp_path_factory):
+    return train(small_cfg(tiny_sd, tmp_path_factory.mktemp("tr") / "run"))
+
+
+# ---- network ----------------------------------------------------------------------------
+def test_network_is_identity_at_init_and_time_input_is_the_task_embedding(tiny_sd, tiny_backend):
+    from diffusers import UNet2DConditionModel
+
+    from dds.translate.network import TranslationNet
+
+    stock = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    phrases = tiny_backend.encode_prompt(["square", "star"])  # (2,77,16)
+    net = TranslationNet.from_unet(
+        UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"), phrases)
+    z_hat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    k = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        assert torch.equal(net(z_hat, k), z_hat)  # s = 0: exactly the identity
+        net.out_gain.fill_(1.0)
+        want = z_hat + stock(z_hat, torch.tensor(500), encoder_hidden_states=phrases[k]).sample
+        torch.testing.assert_close(net(z_hat, k), want, rtol=1e-5, atol=1e-5)
+        # The per-task time embedding really drives the UNet (AdaGN): change it, output changes.
+        net.unet.time_embedding.table[1] += 1.0
+        out = net(z_hat, k)
+        torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out[1:], want[1:])
+
+
+# ---- tasks and data -----------------------------------------------------------------------
+def test_task_rules():
+    t = parse_task("circle:square")
+    assert (t.name, t.phrase) == ("square", "square")
+    assert t.target_caption("a red circle on a blue background") == "a red square on a blue background"
+    assert t.target_caption("a red star on a blue background") is None
+    c = parse_task("red:orange")
+    assert c.target_caption("a red star over a blue background") == "an orange star over a blue background"
+    f = parse_task("lion=a photo of a lion")
+    assert f.target_caption("anything") == "a photo of a lion"
+    with pytest.raises(DDSError, match="not understood"):
+        parse_task("circle")
+    with pytest.raises(DDSError, match="twice"):
+        load_tasks(["circle:square", "star:square"])
+
+
+def test_world_rule_edits_the_scene_and_only_applicable_sources_are_sampled():
+    pool = WorldSources(60, 0, 16)
+    table = TaskTable.build(pool, load_tasks(["circle:square"]))
+    assert table.sources[0] and len(table.sources[0]) < len(pool)
+    for i in table.sources[0]:
+        assert "circle" in pool.captions[i]
+        assert table.targets[0][i] == pool.captions[i].replace("circle", "square")
+    for _k, i, y in table.sample(np.random.default_rng(0), 20):
+        assert i in table.sources[0] and y == table.targets[0][i]
+    with pytest.raises(DDSError, match="applies to none"):
+        TaskTable.build(WorldSources(5, 0, 16), load_tasks(["lion=x"]) + load_tasks(["zebra:cat"]))
+
+
+def make_folder(tmp_path, rows):
+    d = tmp_path / "data"
+    d.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(d / "ok.png")
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_bad_data_is_reported_with_its_path_then_skipped_or_refused(tmp_path, capsys):
+    d = make_folder(tmp_path, [{"file_name": "ok.png", "text": "a circle"},
+                               {"file_name": "broken.png", "text": "a circle"},
+                               {"file_name": "ok.png"}])
+    with pytest.raises(DDSError, match="broken.png"):
+        FolderSources(d, 16, "error")
+    pool = FolderSources(d, 16, "skip")
+    err = capsys.readouterr().err
+    assert len(pool) == 1 and "broken.png" in err and "no caption" in err
+    assert pool.image(0).shape == (3, 16, 16)
+
+
+# ---- schedules ----------------------------------------------------------------------------
+def test_schedules():
+    cfg = TrainConfig(steps=101, lambda_id_start=2.0, lambda_id_end=0.5, guidance_start=1.0,
+                      guidance_warmup=0.5)
+    assert lambda_id(0, cfg) == 2.0 and abs(lambda_id(100, cfg) - 0.5) < 1e-12
+    assert abs(lambda_id(50, cfg) - 1.25) < 1e-12
+    lams = [lambda_id(s, cfg) for s in range(101)]
+    assert all(a >= b for a, b in zip(lams, lams[1:], strict=False))
+    assert guidance(0, cfg, 7.5) == 1.0 and guidance(60, cfg, 7.5) == 7.5
+    assert 1.0 < guidance(25, cfg, 7.5) < 7.5
+    no_warmup = TrainConfig(steps=101, guidance_warmup=0.0)
+    assert guidance(0, no_warmup, 7.5) == 7.5
+
+
+# ---- training, checkpoints, resume ------------------------------------------------------------
+def test_training_writes_checkpoints_logs_samples_and_model(trained):
+    ck = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert ck == ["step-0000002", "step-0000004"]
+    rows = (trained / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 5
+    assert "guidance" in rows[0] and "lambda_id" in rows[0]
+    assert (trained / "samples" / "step-0000004.png").is_file()
+    assert (trained / "model" / "vae" / "config.json").is_file()
+    # The network moved away from the identity.
+    assert weights(trained / "model")["task.out_gain"].abs().sum() > 0
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, tmp_path, trained):
+    run = tmp_path / "killed"
+    cfg = small_cfg(tiny_sd, run)
+    cmd = [sys.executable, "-m", "dds.translate.train", "--out", str(run), "--model", str(tiny_sd),
+           "--task", "circle:square", "--task", "circle:star", "--world-size", "40",
+           "--resolution", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
+           "--val-every", "2", "--val-images", "2", "--log-every", "1", "--cpu", "--quiet",
+           "--debug-hang-after", "2"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stderr:
+            if "hanging after step 2" in line or time.time() > deadline:
+                break
+        assert proc.poll() is None, "the training process ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert latest_good(run).name == "step-0000002"
+    # A newer but damaged checkpoint (and a half-written one) must be passed over.
+    bad = run / "checkpoints" / "step-0000003"
+    bad.mkdir()
+    (bad / "unet.safetensors").write_bytes(b"partial")
+    (run / "checkpoints" / ".tmp-step-0000003-1").mkdir()
+    train(TrainConfig(**{**cfg.to_dict(), "tasks": cfg.tasks, "resume": "latest"}))
+    got, want = weights(run / "model"), weights(trained / "model")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_damaged_checkpoint_is_named_in_one_sentence(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    f = run / "checkpoints" / "step-0000004" / "tasks.safetensors"
+    f.write_bytes(f.read_bytes()[:-3] + b"xyz")
+    msgs = []
+    assert latest_good(run, msgs.append).name == "step-0000002"
+    assert len(msgs) == 1 and "step-0000004" in msgs[0] and "checksum" in msgs[0]
+
+
+def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(tiny_sd, trained):
+    with pytest.raises(DDSError, match="--resume latest"):
+        train(small_cfg(tiny_sd, trained))
+    with pytest.raises(DDSError, match="different lr"):
+        train(small_cfg(tiny_sd, trained, lr=1e-3, resume="latest"))
+
+
+# ---- inference ----------------------------------------------------------------------------
+@pytest.fixture
+def registered():
+    """`dds translate` is in the CLI's registry."""
+    from dds import commands
+
+    assert any(f.__name__ == "_translate" for f in commands.REGISTRY)
+
+
+def test_translate_python_call_and_cli(trained, tmp_path, capsys, registered):
+    from dds.translate import Translator, translate
+
+    tr = Translator(trained)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batched = tr.edit_tensor(x, "square")
+    one = tr.edit_tensor(x[1:2], "square")
+    torch.testing.assert_close(batched[1:2], one, rtol=1e-4, atol=1e-4)
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    ims = translate(trained / "model", [tmp_path / "a.png", Image.new("RGB", (32, 32))], "star")
+    assert [im.size for im in ims] == [(16, 16), (16, 16)]
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    assert main(["translate", str(folder), "--model", str(trained), "--task", "square",
+                 "--out", str(tmp_path / "out"), "--quiet", "--batch-size", "2"]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    for argv, words in [
+        ([str(tmp_path / "nope.png"), "--task", "square"], "does not exist"),
+        ([str(tmp_path / "a.png"), "--task", "lion"], "square, star"),
+        ([str(tmp_path / "a.png"), "--task", "square", "--model", str(tmp_path)], "no translation"),
+    ]:
+        argv = ["translate", *argv] + ([] if "--model" in argv else ["--model", str(trained)])
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+
+
+# ---- evaluation helpers -------------------------------------------------------------------
+def test_collapse_metrics_tell_a_fixed_place_from_following_the_input():
+    from dds.eval.world_edits import images_of
+    from dds.translate.evaluate import collapse_metrics, world_task_edits
+
+    edits = world_task_edits(parse_task("circle:square"), 12)
+    assert len(edits) == 12 and all(e.kind == "object_shape" for e in edits)
+    good = collapse_metrics(images_of([e.target for e in edits]), edits)
+    assert good["pos_err"] < 0.5 and good["pos_corr_x"] > 0.99
+    same = images_of([edits[0].target] * len(edits))  # the same picture for every input
+    bad = collapse_metrics(same, edits)
+    assert bad["pos_err"] > 3 and bad["mask_iou_pairwise"] > good["mask_iou_pairwise"]
+
+
+# ---- several processes ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_cpu_processes_with_accumulation(tiny_sd, tmp_path):
+    run = tmp_path / "ddp"
+    # torchrun starts the processes; accelerate sees WORLD_SIZE=2 and runs multi-CPU (gloo).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "dds.translate.train", "--out", str(run), "--model", str(tiny_sd),
+           "--task", "circle:square", "--world-size", "40", "--resolution", "16",
+           "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--checkpoint-every", "1",
+           "--keep-checkpoints", "1", "--val-images", "1", "--cpu", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[-1].split(",")[1] == "8"  # 2 steps x 2 processes x 2 micro-batches x 1
