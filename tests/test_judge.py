@@ -41,7 +41,7 @@ def test_judge_reads_fresh_renders(judge):
     imgs = render_scenes(scenes[:8]).numpy().transpose(0, 2, 3, 1)
     preds = judge.predict(imgs)
     assert len(preds) == 8
-    agree = sum(p["background"] == s.background for p, s in zip(preds, scenes, strict=True))
+    agree = sum(p["background"] == s.background for p, s in zip(preds, scenes[:8], strict=True))
     assert agree >= 7
     assert all(len(p["objects"]) == p["n_objects"] for p in preds)
 

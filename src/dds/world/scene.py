@@ -496,9 +496,7 @@ def _caption_regexes() -> list[re.Pattern[str]]:
     shp = "|".join(SHAPES)
     bg = "|".join(BACKGROUND_NAMES)
     tex = "|".join(TEXTURE_WORDS.values())
-    objs = (
-        rf"an? (?P<c0>{col}) (?P<s0>{shp})(?: and an? (?P<c1>{col}) (?P<s1>{shp}))?"
-    )
+    objs = rf"an? (?P<c0>{col}) (?P<s0>{shp})(?: and an? (?P<c1>{col}) (?P<s1>{shp}))?"
     pats = []
     for tpl in TEMPLATES:
         p = re.escape(tpl)
@@ -772,9 +770,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def export_folder(
-    out_dir: str | os.PathLike[str], n: int, seed: int, size: int = CANVAS
-) -> Path:
+def export_folder(out_dir: str | os.PathLike[str], n: int, seed: int, size: int = CANVAS) -> Path:
     """Write ``n`` scenes as a diffusers-style ImageFolder: ``images/*.png`` + ``metadata.jsonl``.
 
     Each metadata line is ``{"file_name": "images/00000.png", "text": caption, "scene": {...}}``.
