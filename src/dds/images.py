@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from dds.atomic import atomic_path
 from dds.errors import DDSError
 
 MAX_PIXELS = 40_000_000  # larger images are refused as possible decompression bombs
@@ -119,17 +118,9 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def save_png(im: Image.Image, path: str | Path, info: dict[str, str] | None = None) -> Path:
     """Write a PNG atomically (temp file, then rename), with optional text metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = PngImagePlugin.PngInfo()
     for k, v in (info or {}).items():
         meta.add_text(k, v)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        im.save(tmp, format="PNG", pnginfo=meta)
+    return Path(path)

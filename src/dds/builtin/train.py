@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
 
+from dds.atomic import atomic_path, atomic_write_text
 from dds.builtin import configs as C
 from dds.errors import DDSError
 
@@ -90,25 +91,8 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def rng_states() -> dict[str, Any]:
@@ -146,12 +130,8 @@ def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> 
     im = Image.fromarray(arr)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    im.save(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        im.save(tmp)
 
 
 class CsvLog:
@@ -175,13 +155,10 @@ class CsvLog:
         self._write_all(keep)
 
     def _write_all(self, rows: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix="log.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.path)
 
     def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
         new = not self.path.exists()

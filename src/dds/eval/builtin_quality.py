@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dds.atomic import atomic_write_text
 from dds.edit import EditConfig
 from dds.eval.metrics import psnr
 from dds.eval.world_edits import (
@@ -158,9 +159,7 @@ def run_quality(backend, judge, out_dir: Path, preset: QualityPreset = FULL,
             rows = [tiles[i:i + 8] for i in range(0, len(tiles), 8)]
             save_png(grid_image(rows, [""] * 8, [""] * len(rows), scale=2),
                      out_dir / f"{name}.png")
-        tmp = f.with_suffix(".part")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(f)
+        atomic_write_text(f, json.dumps(value))
         return value
 
     cfg = EditConfig().with_(**backend.edit_defaults)

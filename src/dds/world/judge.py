@@ -486,9 +486,8 @@ def save_judge(net: JudgeNet, path: str | os.PathLike[str]) -> None:
     """Save weights with the config JSON in the safetensors metadata (atomic replace)."""
     from safetensors.torch import save_file
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    from dds.atomic import atomic_path
+
     state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(state, str(tmp), metadata={"config": net.cfg.to_json(), "format": "pt"})
-    os.replace(tmp, p)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"config": net.cfg.to_json(), "format": "pt"})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -759,15 +758,9 @@ def render_batch(scenes: Sequence[Scene | dict[str, Any]], size: int = CANVAS) -
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from dds.atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def export_folder(out_dir: str | os.PathLike[str], n: int, seed: int, size: int = CANVAS) -> Path:
