@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -37,6 +38,8 @@ def cmd_model_measure(args) -> int:
     out = Path(args.out or f"dds-eval/{args.experiment}")
     if args.experiment == "builtin-quality":
         preset = bq.QUICK if args.quick else bq.FULL
+        if args.edits_per_kind:
+            preset = dataclasses.replace(preset, edits_per_kind=args.edits_per_kind)
         bq.run_quality(backend, judge, out, preset, quiet=args.quiet)
         print((out / "report.md").read_text())
         return 0
@@ -96,6 +99,8 @@ def add_parser(sub) -> None:
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all", *MODEL_MEASURES],
                    metavar="EXPERIMENT",
                    help="one of: " + ", ".join([*EXPERIMENTS, *MODEL_MEASURES]) + ", or all")
+    p.add_argument("--edits-per-kind", type=int,
+                   help="builtin-quality: held-out edits per kind (full preset 200)")
     p.add_argument("--write", action="store_true",
                    help="builtin-defaults: save the chosen settings into the model folder")
     p.add_argument("--quick", action="store_true",
