@@ -103,6 +103,9 @@ class StableDiffusionBackend:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # loading is quick; the bar only clutters stderr
         self.root = resolve_model_dir(model)
         variants = check_model_dir(self.root)
         self.device = torch.device(device) if device else default_device()

@@ -120,8 +120,8 @@ def eval_editing(backend, judge, cfg: EditConfig, per_kind: int, batch_size: int
     return out
 
 
-def choose_defaults(backend, judge, lrs=(0.1, 0.2, 0.4), guidances=(5.0, 7.5, 10.0),
-                    steps: int = 200, per_kind: int = 12, quiet: bool = False) -> dict:
+def choose_defaults(backend, judge, lrs=(0.01, 0.03, 0.1, 0.4, 1.6), guidances=(3.0, 7.5, 15.0),
+                    steps: int = 200, per_kind: int = 4, quiet: bool = False) -> dict:
     """Sweep lr x guidance on validation edits; pick the best success then PSNR to truth."""
     edits = held_out_edits(per_kind, seed=VALIDATION_SEED)
     prepared = prepare(backend, edits)
