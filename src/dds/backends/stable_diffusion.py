@@ -102,7 +102,6 @@ class StableDiffusionBackend:
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading is quick; the bar only clutters stderr
