@@ -4,7 +4,12 @@ The public names are imported lazily, so that `dds` (the command) starts fast an
 threading options before torch loads.
 """
 
+import os
 from importlib import import_module
+
+# OpenMP threads that busy-wait slow every torch call many times over when another process
+# shares the CPU; passive waiting costs nothing measurable on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
