@@ -265,3 +265,18 @@ def test_two_cpu_processes_with_accumulation(tiny_sd, tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
     rows = (run / "log.csv").read_text().splitlines()
     assert rows[-1].split(",")[1] == "8"  # 2 steps x 2 processes x 2 micro-batches x 1
+
+
+def test_web_app_translation_tab_uses_the_network(trained):
+    from PIL import Image
+
+    from dds.translate import Translator
+    from dds.ui.app import load_translator
+
+    tab = load_translator(trained)
+    net = Translator(trained)
+    assert tab.tasks == list(net.tasks)
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    out = tab(im, net.tasks[0])
+    assert out.size == im.size
+    assert np.array_equal(np.asarray(out), np.asarray(net([im], net.tasks[0])[0]))

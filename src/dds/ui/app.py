@@ -18,7 +18,6 @@ go through Gradio's upload route (size-capped) and are opened with `dds.images.l
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import queue
@@ -428,46 +427,27 @@ def history_rows(history: list[dict]) -> list[list]:
 
 
 def load_translator(path: str | Path | None):
-    """`dds.translate.translate` bound to a checkpoint, or None where it is unavailable."""
+    """A loaded one-pass translation network (`dds.translate.Translator`), or None."""
     if not path:
         return None
-    try:
-        from dds import translate as tr
-    except Exception:
-        return None
-    fn = getattr(tr, "translate", None)
-    if not callable(fn):
-        return None
-    tasks: list[str] = []
-    for name in ("list_tasks", "tasks"):
-        lister = getattr(tr, name, None)
-        if callable(lister):
-            try:
-                tasks = [str(getattr(t, "name", t)) for t in lister(path)]
-            except Exception:
-                tasks = []
-            break
-    return Translator(fn, Path(path), tasks)
+    from dds.translate import Translator as Network
+
+    return Translator(Network(path), Path(path))
 
 
 @dataclass
 class Translator:
-    fn: Any
+    """The page's view of a translation network: its task names and one image in, one out."""
+
+    net: Any
     checkpoint: Path
-    tasks: list[str]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.net.tasks)
 
     def __call__(self, image: Image.Image, task: str, backend=None) -> Image.Image:
-        """Call `translate(image, task, checkpoint=..., model=...)`, passing only the
-        keywords its signature names."""
-        try:
-            params = inspect.signature(self.fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        extra = {"checkpoint": self.checkpoint, "model": backend, "backend": backend}
-        kw = {k: v for k, v in extra.items() if k in params and v is not None}
-        out = self.fn(image, task, **kw)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
+        out = self.net([image], task)[0]
         if isinstance(out, torch.Tensor):
             from dds.images import tensor_to_pil
 
