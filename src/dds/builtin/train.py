@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from dds.atomic import atomic_path, atomic_write_text
 from dds.builtin import configs as C
 from dds.errors import DDSError
+from dds.eval.metrics import psnr
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
 STAGE_IDS = {"vae": 1, "unet": 2, "scale": 3, "eval": 4}
@@ -106,12 +107,6 @@ def set_rng_states(s: dict[str, Any]) -> None:
 
 def to_pm1(img01: torch.Tensor) -> torch.Tensor:
     return img01 * 2.0 - 1.0
-
-
-def psnr(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [0, 1]."""
-    mse = (a01.clamp(0, 1) - b01.clamp(0, 1)).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> None:
