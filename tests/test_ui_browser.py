@@ -77,10 +77,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_sd, tmp_path_factory):
+def translator(tiny_sd, tmp_path_factory):
+    """A one-pass translation network trained for a few steps on the tiny model."""
+    from dds.translate.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ui-translator") / "run"
+    return train(TrainConfig(out=str(out), model=str(tiny_sd), tasks=("circle:square",
+                                                                     "circle:star"),
+                             world_size=40, resolution=16, steps=2, batch_size=2,
+                             checkpoint_every=2, val_every=2, val_images=2, log_every=1,
+                             device="cpu", quiet=True))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd, translator):
     from dds.ui.app import build_app, launch
 
-    demo = build_app(str(tiny_sd), defaults={"size": SIZE, "steps": 8}, preview_every=2)
+    demo = build_app(str(tiny_sd), defaults={"size": SIZE, "steps": 8}, preview_every=2,
+                     translator=translator)
     port = _free_port()
     launch(demo, port=port, block=False, quiet=True)
     yield f"http://127.0.0.1:{port}/", demo
@@ -204,3 +218,36 @@ def test_bad_upload_is_one_sentence(page, tmp_path):
         "() => document.querySelector('#dds-message').innerText.includes('Cannot edit')")
     msg = page.locator("#dds-message").inner_text().strip()
     assert "at least 8 pixels" in msg and "Traceback" not in msg and "\n" not in msg, msg
+    assert msg.lower().startswith("cannot edit: the uploaded image is 4x4"), msg  # no path
+
+
+def test_translation_tab_runs_the_network(page, translator, tmp_path):
+    from dds.translate import Translator
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    photo = tmp_path / "scene.png"
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    im.save(photo)
+    page.get_by_role("tab", name="One-pass translation").click()
+    page.locator("#dds-t-input input[type=file]").set_input_files(str(photo))
+    page.wait_for_function("() => { const i = document.querySelector('#dds-t-input img');"
+                           " return i && i.getAttribute('src'); }")
+    page.click("#dds-t-run")
+    page.wait_for_function("() => { const i = document.querySelector('#dds-t-output img');"
+                           " return i && i.getAttribute('src'); }")
+    assert page.locator("#dds-t-message").inner_text().strip() == ""
+    # The page shows exactly what the network computes for the default (first) task.
+    src = page.locator("#dds-t-output img").get_attribute("src")
+    with page.expect_download() as dl:  # fetch the shown image through the page
+        page.evaluate("""src => { const a = document.createElement('a'); a.href = src;
+            a.download = 'translated.png'; document.body.appendChild(a); a.click(); }""", src)
+    shown = tmp_path / "shown.png"
+    dl.value.save_as(shown)
+    net = Translator(translator)
+    expected = np.asarray(net([im], net.tasks[0])[0].convert("RGB"), dtype=np.int16)
+    got = np.asarray(Image.open(shown).convert("RGB"), dtype=np.int16)
+    assert got.shape == expected.shape == (16, 16, 3)
+    assert np.abs(got - expected).max() <= 1
+    page.wait_for_timeout(500)  # let the page finish its transition before the picture
+    page.screenshot(path=str(ARTIFACTS / "ui-browser-translate.png"), full_page=True)
+    page.get_by_role("tab", name="Edit").click()

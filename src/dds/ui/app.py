@@ -241,7 +241,15 @@ class EditSession:
             raise DDSError("no input image: upload one, paste one, or pick an example")
         if isinstance(image, _BadUpload):
             raise DDSError(image.message)
-        return as_image(image)
+        if not isinstance(image, (str, Path)):
+            return as_image(image)
+        try:
+            return as_image(image)
+        except DDSError as e:  # never show the browser a path on the server
+            msg = str(e)
+            for name in (f"input '{image}'", f"'{image}'", str(image)):
+                msg = msg.replace(name, "the uploaded image")
+            raise DDSError(msg) from None
 
     # ---- running -------------------------------------------------------------------------
     def cancel(self, key: str = "default") -> bool:
@@ -574,14 +582,17 @@ def build_app(model=None, *, session: EditSession | None = None,
                                 "edits in one forward pass.")
                     with gr.Row():
                         t_image = upload_image(label="Input image",
-                                               sources=["upload", "clipboard"], format="png")
-                        t_out = gr.Image(label="Translated", interactive=False, format="png")
+                                               sources=["upload", "clipboard"], format="png",
+                                               height=320, elem_id="dds-t-input")
+                        t_out = gr.Image(label="Translated", interactive=False, format="png",
+                                         height=320, elem_id="dds-t-output")
                     if trans.tasks:
-                        t_task = gr.Dropdown(trans.tasks, value=trans.tasks[0], label="Task")
+                        t_task = gr.Dropdown(trans.tasks, value=trans.tasks[0], label="Task",
+                                             elem_id="dds-t-task")
                     else:
-                        t_task = gr.Textbox(label="Task")
-                    t_btn = gr.Button("Translate", variant="primary")
-                    t_msg = gr.Markdown("")
+                        t_task = gr.Textbox(label="Task", elem_id="dds-t-task")
+                    t_btn = gr.Button("Translate", variant="primary", elem_id="dds-t-run")
+                    t_msg = gr.Markdown("", elem_id="dds-t-message")
 
                     def on_translate(img, task):
                         try:
