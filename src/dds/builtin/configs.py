@@ -93,6 +93,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_start: int = 200
     cfg_drop: float = 0.1
+    # Offset noise: a per-image, per-channel constant of this std added to the training noise.
+    # On a 16x16 latent the image's mean colour survives even the last timestep of the SD
+    # schedule (sqrt(alpha_bar_T) * mean is as large as the mean of 256 unit noise values), so
+    # without it the model reads the background colour from the initial noise, not the prompt.
+    offset_noise: float = 0.25
     # Logging / checkpoints.
     ckpt_every: int = 200
     sample_every: int = 200

@@ -524,6 +524,9 @@ def train_unet(
         caps = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
         noise = torch.randn(lat.shape, generator=g_step)
         ts = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=g_step)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(
+                (bs, lat.shape[1], 1, 1), generator=g_step)
         noisy = noise_sched.add_noise(lat, noise, ts)
         ctx = encode_text(text_encoder, tokenizer, caps)
         pred = unet(noisy, ts, ctx).sample
@@ -764,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size")
+    p.add_argument("--offset-noise", type=float, default=None,
+                   help="std of the per-channel constant added to the UNet's training noise")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
@@ -781,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
         threads=args.threads,
+        offset_noise=args.offset_noise,
     )
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
