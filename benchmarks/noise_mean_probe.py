@@ -38,15 +38,14 @@ def main() -> None:
     from dds.api import get_backend
     from dds.eval.world_edits import decode01
     from dds.sampling import ddim_sample, ddim_timesteps
-    from dds.world.judge import Judge
-    from dds.world.scene import caption, render, sample_scene
+    from dds.world.judge import Judge, render_scenes
+    from dds.world.scene import caption, sample_scene
 
     backend, judge = get_backend(args.model), Judge.load()
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, n_objects=1) for _ in range(args.n)]
     emb = backend.encode_prompt([caption(s) for s in scenes])
-    x = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() for s in scenes])
-    z0 = backend.encode(x * 2 - 1).cpu()
+    z0 = backend.encode(render_scenes(scenes) * 2 - 1).cpu()
     ts = ddim_timesteps(args.steps)
     a_t = float(backend.alphas_cumprod[int(ts[0])]) ** 0.5
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed))
