@@ -241,12 +241,12 @@ class EditSession:
             raise DDSError("no input image: upload one, paste one, or pick an example")
         if isinstance(image, _BadUpload):
             raise DDSError(image.message)
-        if not isinstance(image, (str, Path)):
-            return as_image(image)
         try:
             return as_image(image)
-        except DDSError as e:  # never show the browser a path on the server
-            msg = str(e)
+        except DDSError as e:
+            if not isinstance(image, (str, Path)):
+                raise
+            msg = str(e)  # an upload's file: never show the browser a path on the server
             for name in (f"input '{image}'", f"'{image}'", str(image)):
                 msg = msg.replace(name, "the uploaded image")
             raise DDSError(msg) from None
