@@ -350,6 +350,8 @@ def parse_args(argv):
     p.add_argument("--precision", default="auto", help="fast path: auto, fp32, fp16, bf16")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--trace", default="auto", choices=["auto", "on", "off"],
+                   help="fast path: TorchScript trace of the UNet call (auto: CPU, uncompiled)")
     p.add_argument("--channels-last", action="store_true", help="fast path: channels-last UNet")
     p.add_argument(
         "--paths",
@@ -488,6 +490,7 @@ def main(argv=None) -> dict:
                         compile=_flag(a.compile),
                         cuda_graphs=_flag(a.cuda_graphs),
                         channels_last=a.channels_last,
+                        trace=_flag(a.trace),
                     )
 
                 def run(steps, ed=ed, z_hat=z_hat, seeds=seeds):
@@ -509,6 +512,7 @@ def main(argv=None) -> dict:
                     "compile": ed.compile_mode,
                     "cuda_graphs": ed.cuda_graphs,
                     "channels_last": ed.channels_last,
+                    "trace": ed.trace,
                 }
             mem = peak_mb(device)
             out = out.float().cpu()

@@ -77,3 +77,20 @@ def test_dds_beats_sds_on_preservation():
     r = eval_editing(b, Judge.load(), edit_config(b), per_kind=8, batch_size=24, quiet=True)
     assert r["dds"]["all"]["psnr_out"] > r["sds"]["all"]["psnr_out"] + 1.0
     assert r["dds"]["all"]["psnr_gt"] > r["sds"]["all"]["psnr_gt"]
+
+
+def test_defaults_rule_prefers_success_then_truth():
+    from dds.eval.builtin_quality import pick_defaults
+
+    rows = [
+        {"lr": 0.03, "guidance": 3.0, "success": 0.25, "psnr_gt": 20.0},
+        {"lr": 0.1, "guidance": 7.5, "success": 0.50, "psnr_gt": 18.0},
+        {"lr": 0.2, "guidance": 7.5, "success": 0.54, "psnr_gt": 16.0},  # one edit more of 24
+        {"lr": 0.4, "guidance": 15.0, "success": 0.42, "psnr_gt": 25.0},
+    ]
+    # 0.50 is within one edit (1/24) of the best 0.54 and closer to the truth
+    assert pick_defaults(rows, 24)["lr"] == 0.1
+    # with few edits one edit is a wide margin: 0.42 is within 1/8 of 0.54 and wins on PSNR
+    assert pick_defaults(rows, 8)["lr"] == 0.4
+    # with many edits only the best success counts
+    assert pick_defaults(rows, 1000)["lr"] == 0.2

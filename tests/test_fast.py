@@ -41,6 +41,23 @@ def test_same_edit_as_edit_latents(tiny_backend, inputs, method):
     assert torch.allclose(one, ref[1:], atol=1e-5)
 
 
+def test_trace_is_the_cpu_default_and_changes_nothing(tiny_backend, inputs):
+    z_hat, emb_s, emb_t = inputs
+    cfg = EditConfig(steps=4, seed=2)
+    traced = FastEditor(tiny_backend, precision="fp32")
+    assert traced.trace  # CPU, nothing compiled: the UNet call is traced
+    eager = FastEditor(tiny_backend, precision="fp32", trace=False)
+    a = traced.edit(z_hat, emb_s, emb_t, cfg)
+    b = eager.edit(z_hat, emb_s, emb_t, cfg)
+    assert len(traced._traced) == 1 and not eager._traced  # one trace for the one shape
+    assert (a - z_hat).abs().max() > 1e-3
+    assert torch.allclose(a, b, atol=1e-5)
+    # A new batch size is a new shape: traced again, still the same edit.
+    one = traced.edit(z_hat[:1], emb_s[:1], emb_t[:1], cfg)
+    assert len(traced._traced) == 2
+    assert torch.allclose(one, b[:1], atol=1e-5)
+
+
 def test_bf16_close(tiny_backend, inputs):
     z_hat, emb_s, emb_t = inputs
     cfg = EditConfig(steps=5, seed=4)

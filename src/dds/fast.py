@@ -18,6 +18,9 @@ What makes it fast (each is a flag, the defaults are listed in `FastEditor`):
   device (no `.item()`, no autograd, no optimiser);
 * `torch.compile` of the whole step, and a CUDA graph of the step replayed once per step
   (CUDA only); either falls back to eager with one warning when unavailable;
+* where nothing is compiled (the CPU default), the UNet call traced once per input shape with
+  `torch.jit.trace`: a second to build, the same arithmetic, without the Python overhead of
+  several hundred module calls per step (which dominates a small model on a CPU);
 * many edits in one batch (B edits -> one UNet call of 4B).
 
 No per-step callback: reporting progress would need the host to read the device every step.
@@ -74,6 +77,17 @@ class _Plan:
     weight: Tensor  # (S, B, 1, 1, 1) float32, w(t)
 
 
+class _UNetCall(torch.nn.Module):
+    """unet(x, t, emb) -> eps as one tensor: the module `torch.jit.trace` records."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
 class FastEditor:
     """The fast editing path over a backend; keeps its half-precision UNet, compiled step and
     CUDA graphs between calls, so build one and edit many times.
@@ -82,6 +96,8 @@ class FastEditor:
     compile: "auto" (on for CUDA, off on CPU where the Inductor build costs more than an edit),
         True/False, or a `torch.compile` mode string ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: "auto" (on for CUDA), True/False; ignored (with one warning) off CUDA.
+    trace: "auto" (on for the CPU when the step is not compiled), True/False: run the UNet as a TorchScript
+        trace, built once per input shape; falls back to eager with one warning.
     channels_last: run the UNet with channels-last memory format (off by default: it measured
         no faster on CPU; try it on a GPU with the benchmark's --channels-last).
     """
@@ -93,6 +109,7 @@ class FastEditor:
         compile="auto",
         cuda_graphs="auto",
         channels_last: bool = False,
+        trace="auto",
     ):
         self.backend = backend
         self.device = torch.device(backend.device)
@@ -130,6 +147,10 @@ class FastEditor:
             warnings.warn("CUDA graphs need a CUDA device; running without them", stacklevel=2)
             cuda_graphs = False
         self.cuda_graphs = bool(cuda_graphs)
+        if trace == "auto":
+            trace = self.compile_mode is None and not on_cuda
+        self.trace = bool(trace)
+        self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         self._step = self._eager_step
         if self.compile_mode is not None:
             self._compiled = None  # built at the first call, so a failure can fall back
@@ -156,11 +177,31 @@ class FastEditor:
         xin = x.to(self.dtype)
         if self.channels_last:
             xin = xin.contiguous(memory_format=torch.channels_last)
-        out = self.unet(xin, t, encoder_hidden_states=emb).sample.float()
+        out = self._unet_call(xin, t, emb).float()
         if self.prediction_type == "v_prediction":
             alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
             out = alpha.view(-1, 1, 1, 1) * out + sigma.view(-1, 1, 1, 1) * x
         return out
+
+    def _unet_call(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        if not self.trace or torch.compiler.is_compiling():
+            return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        key = (tuple(x.shape), tuple(emb.shape), x.dtype, x.is_contiguous())
+        traced = self._traced.get(key)
+        if traced is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TracerWarnings about shape-fixed branches
+                    traced = torch.jit.trace(_UNetCall(self.unet), (x, t, emb), check_trace=False)
+            except Exception as e:  # an op TorchScript cannot record: stay eager
+                warnings.warn(
+                    f"torch.jit.trace failed for this UNet ({type(e).__name__}); running eager",
+                    stacklevel=4,
+                )
+                self.trace = False
+                return self._unet_call(x, t, emb)
+            self._traced[key] = traced
+        return traced(x, t, emb)
 
     def _eager_step(
         self, z, z_hat, emb, t4, eps, alpha, sigma, weight, guidance, lr, scale, dds: bool
@@ -362,13 +403,14 @@ def fast_edit_latents(
     compile="auto",
     cuda_graphs="auto",
     channels_last: bool = False,
+    trace="auto",
 ) -> Tensor:
     """`edit_latents` through a cached `FastEditor` (one per backend and settings).
 
     Same arguments and result as `dds.edit.edit_latents` (no callback); the keyword flags are
     `FastEditor`'s.  z_hat: (B,C,h,w) -> (B,C,h,w) float32 edited latents.
     """
-    key = (id(backend), precision, compile, cuda_graphs, channels_last)
+    key = (id(backend), precision, compile, cuda_graphs, channels_last, trace)
     ed = _EDITORS.get(key)
     if ed is None or ed.backend is not backend:
         ed = FastEditor(
@@ -377,6 +419,7 @@ def fast_edit_latents(
             compile=compile,
             cuda_graphs=cuda_graphs,
             channels_last=channels_last,
+            trace=trace,
         )
         _EDITORS[key] = ed
     return ed.edit(z_hat, emb_source, emb_target, cfg, seeds=seeds)
