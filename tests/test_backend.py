@@ -42,6 +42,23 @@ def test_predict_eps_epsilon_model(tiny_backend):
     assert torch.allclose(out, tiny_backend.unet(z, t, encoder_hidden_states=emb).sample)
 
 
+def test_predict_eps_trace_matches_eager(tiny_backend):
+    torch.manual_seed(3)
+    z = torch.randn(4, 4, 8, 8)
+    t = torch.tensor([50, 300, 600, 900])
+    emb = tiny_backend.encode_prompt(["a red circle"] * 4)
+    assert tiny_backend._unet_call.enabled  # the CPU default
+    traced = tiny_backend.predict_eps(z, t, emb)
+    eager = tiny_backend.unet(z, t, encoder_hidden_states=emb).sample
+    assert len(tiny_backend._unet_call) >= 1
+    assert torch.allclose(traced, eager, atol=1e-6)
+    # with gradients on, the eager module runs (a trace is for frozen, no-grad calls)
+    before = len(tiny_backend._unet_call)
+    with torch.enable_grad():
+        tiny_backend._unet_call(tiny_backend.unet, z[:3], t[:3], emb[:3])
+    assert len(tiny_backend._unet_call) == before
+
+
 def test_predict_eps_converts_v_prediction(tiny_sd_v):
     b = StableDiffusionBackend(tiny_sd_v, dtype="fp32", device="cpu")
     assert b.prediction_type == "v_prediction"

@@ -39,6 +39,7 @@ from dds.edit import EditConfig, draw_t_eps
 from dds.errors import DDSError
 from dds.score import alpha_sigma, timestep_weight
 from dds.score import cfg as cfg_combine
+from dds.unet_trace import TracedUNet
 
 _RECIPE = EditConfig()  # the reference recipe's settings
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,17 +78,6 @@ class _Plan:
     weight: Tensor  # (S, B, 1, 1, 1) float32, w(t)
 
 
-class _UNetCall(torch.nn.Module):
-    """unet(x, t, emb) -> eps as one tensor: the module `torch.jit.trace` records."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-
-
 class FastEditor:
     """The fast editing path over a backend; keeps its half-precision UNet, compiled step and
     CUDA graphs between calls, so build one and edit many times.
@@ -96,8 +86,8 @@ class FastEditor:
     compile: "auto" (on for CUDA, off on CPU where the Inductor build costs more than an edit),
         True/False, or a `torch.compile` mode string ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: "auto" (on for CUDA), True/False; ignored (with one warning) off CUDA.
-    trace: "auto" (on for the CPU when the step is not compiled), True/False: run the UNet as a TorchScript
-        trace, built once per input shape; falls back to eager with one warning.
+    trace: "auto" (on for the CPU when the step is not compiled), True/False: run the UNet as
+        a TorchScript trace built once per input shape (`dds.unet_trace`); eager if it fails.
     channels_last: run the UNet with channels-last memory format (off by default: it measured
         no faster on CPU; try it on a GPU with the benchmark's --channels-last).
     """
@@ -149,13 +139,16 @@ class FastEditor:
         self.cuda_graphs = bool(cuda_graphs)
         if trace == "auto":
             trace = self.compile_mode is None and not on_cuda
-        self.trace = bool(trace)
-        self._traced: dict[tuple, torch.jit.ScriptModule] = {}
+        self._traced = TracedUNet(enabled=bool(trace))
         self._step = self._eager_step
         if self.compile_mode is not None:
             self._compiled = None  # built at the first call, so a failure can fall back
         self._graphs: dict[tuple, dict] = {}
         self._prompts: dict[str, Tensor] = {}
+
+    @property
+    def trace(self) -> bool:
+        return self._traced.enabled
 
     # ---- prompts -----------------------------------------------------------------------
     def prompt_embedding(self, prompts: list[str]) -> Tensor:
@@ -184,24 +177,7 @@ class FastEditor:
         return out
 
     def _unet_call(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        if not self.trace or torch.compiler.is_compiling():
-            return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        key = (tuple(x.shape), tuple(emb.shape), x.dtype, x.is_contiguous())
-        traced = self._traced.get(key)
-        if traced is None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # TracerWarnings about shape-fixed branches
-                    traced = torch.jit.trace(_UNetCall(self.unet), (x, t, emb), check_trace=False)
-            except Exception as e:  # an op TorchScript cannot record: stay eager
-                warnings.warn(
-                    f"torch.jit.trace failed for this UNet ({type(e).__name__}); running eager",
-                    stacklevel=4,
-                )
-                self.trace = False
-                return self._unet_call(x, t, emb)
-            self._traced[key] = traced
-        return traced(x, t, emb)
+        return self._traced(self.unet, x, t, emb)
 
     def _eager_step(
         self, z, z_hat, emb, t4, eps, alpha, sigma, weight, guidance, lr, scale, dds: bool

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from dds.errors import DDSError
 from dds.score import v_to_eps
+from dds.unet_trace import TracedUNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -96,10 +97,12 @@ class StableDiffusionBackend:
 
     The UNet and text encoder run in `dtype`; the VAE stays in float32 (SD's VAE overflows in
     fp16 on some images, and it runs only twice per edit).  Noise predictions are returned in
-    float32 so the optimisation itself is full precision.
+    float32 so the optimisation itself is full precision.  `trace` ("auto": on for the CPU)
+    replays the UNet from a per-shape TorchScript trace in `predict_eps` (`dds.unet_trace`).
     """
 
-    def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None):
+    def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
+                 trace: bool | str = "auto"):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
@@ -147,6 +150,9 @@ class StableDiffusionBackend:
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor
         self._uncond: Tensor | None = None
+        # The frozen UNet replayed from a per-shape TorchScript trace on the CPU, where Python
+        # overhead is a large part of a small model's call (dds.unet_trace).
+        self._unet_call = TracedUNet(enabled=self.device.type == "cpu" if trace == "auto" else trace)
         # Editing settings recommended for this model (the built-in model ships measured ones).
         defaults = self.root / "dds_edit_defaults.json"
         self.edit_defaults = json.loads(defaults.read_text()) if defaults.is_file() else {}
@@ -184,9 +190,9 @@ class StableDiffusionBackend:
     @torch.no_grad()
     def predict_eps(self, z_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         """(B,C,h,w), (B,), (B,L,D) -> eps (B,C,h,w) float32."""
-        out = self.unet(
-            z_t.to(self.device, self.dtype), t.to(self.device), encoder_hidden_states=emb
-        ).sample.float()
+        out = self._unet_call(
+            self.unet, z_t.to(self.device, self.dtype), t.to(self.device), emb.to(self.device)
+        ).float()
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, z_t.float(), t, self.alphas_cumprod)
         return out
