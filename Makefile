@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[dev,ui]"
+	$(PY) -m pip install -q -e ".[dev,ui,train]"
 	# open_clip_torch: the real CLIP vocabulary (to build models); lpips: its linear-layer weights.
 	$(PY) -m pip install -q --no-deps open_clip_torch lpips
 	touch $@

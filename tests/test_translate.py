@@ -143,6 +143,22 @@ def test_training_writes_checkpoints_logs_samples_and_model(trained):
     assert weights(trained / "model")["task.out_gain"].abs().sum() > 0
 
 
+def test_tensorboard_logs_the_schedules_as_in_log_csv(trained):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((trained / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    rows = list(csv.DictReader((trained / "log.csv").open()))
+    for key in ("guidance", "lambda_id", "dds_grad_norm"):
+        logged = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in logged] == [int(r["step"]) for r in rows]
+        assert [v for _, v in logged] == pytest.approx([float(r[key]) for r in rows], rel=1e-5)
+
+
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, tmp_path, trained):
     run = tmp_path / "killed"
     cfg = small_cfg(tiny_sd, run)
