@@ -136,8 +136,9 @@ def choose_defaults(backend, judge, lrs=(0.03, 0.1, 0.2, 0.4), guidances=(3.0, 7
             images = run_zero_shot(backend, edits, cfg, batch_size=len(edits), prepared=prepared,
                                    desc=f"lr {lr} guidance {w}", quiet=quiet)
             s = summarise(score(images, edits, judge), edits)
-            rows.append({"lr": lr, "guidance": w, **s["all"],
-                         "min_kind_success": min(v["success"] for k, v in s.items() if k != "all")})
+            kinds = {k: v["success"] for k, v in s.items() if k != "all"}
+            rows.append({"lr": lr, "guidance": w, **s["all"], "kind_success": kinds,
+                         "min_kind_success": min(kinds.values())})
     best = pick_defaults(rows, len(edits))
     return {"rows": rows, "best": {"lr": best["lr"], "guidance": best["guidance"]}}
 

@@ -44,12 +44,19 @@ def cmd_model_measure(args) -> int:
         print((out / "report.md").read_text())
         return 0
     kw = dict(per_kind=4, lrs=(0.1, 0.4), guidances=(7.5,)) if args.quick else {}
+    if args.edits_per_kind:
+        kw["per_kind"] = args.edits_per_kind
+    if args.lrs:
+        kw["lrs"] = _floats(args.lrs, "--lrs")
+    if args.guidances:
+        kw["guidances"] = _floats(args.guidances, "--guidances")
     result = bq.choose_defaults(backend, judge, quiet=args.quiet, **kw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     for r in result["rows"]:
         print(f"lr {r['lr']:<5} guidance {r['guidance']:<5} success {r['success']:.3f} "
-              f"(worst kind {r['min_kind_success']:.3f})  PSNR gt {r['psnr_gt']:.2f}  "
+              f"({', '.join(f'{k} {v:.2f}' for k, v in r['kind_success'].items())})  "
+              f"PSNR gt {r['psnr_gt']:.2f}  "
               f"PSNR out {r['psnr_out']:.2f}")
     print(f"best: {result['best']}")
     if args.write:
@@ -57,6 +64,16 @@ def cmd_model_measure(args) -> int:
         target.write_text(json.dumps(result["best"], indent=2) + "\n")
         print(f"wrote {target}")
     return 0
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise DDSError(f"{flag} takes a comma list of positive numbers, e.g. 0.03,0.1; got '{text}'")
+    return vals
 
 
 def cmd_eval(args) -> int:
@@ -100,7 +117,10 @@ def add_parser(sub) -> None:
                    metavar="EXPERIMENT",
                    help="one of: " + ", ".join([*EXPERIMENTS, *MODEL_MEASURES]) + ", or all")
     p.add_argument("--edits-per-kind", type=int,
-                   help="builtin-quality: held-out edits per kind (full preset 200)")
+                   help="builtin-quality: held-out edits per kind (full preset 200); "
+                   "builtin-defaults: validation edits per kind (default 8)")
+    p.add_argument("--lrs", help="builtin-defaults: comma list of step sizes to sweep")
+    p.add_argument("--guidances", help="builtin-defaults: comma list of guidance scales to sweep")
     p.add_argument("--write", action="store_true",
                    help="builtin-defaults: save the chosen settings into the model folder")
     p.add_argument("--quick", action="store_true",

@@ -54,6 +54,8 @@ RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_
              "log_every", "resume", "quiet", "device"}
 
 
+TRAIN_GUIDANCE = 7.5  # the final guidance of the warm-up when none is given
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "translate-run"
@@ -72,7 +74,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     score: str = "dds"  # "dds" or "sds" (ablation)
     guidance_start: float = 1.0
-    guidance_end: float | None = None  # default: the model's edit guidance, else 7.5
+    guidance_end: float | None = None  # default: TRAIN_GUIDANCE (7.5)
     guidance_warmup: float = 0.5  # fraction of the steps over which w rises linearly
     lambda_id_start: float = 1.0
     lambda_id_end: float = 0.01
@@ -440,8 +442,10 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     backend = get_backend(cfg.model, device=str(accelerator.device))
     size = cfg.resolution or backend.native_size
-    w_end = cfg.guidance_end if cfg.guidance_end is not None else float(
-        getattr(backend, "edit_defaults", {}).get("guidance", 7.5))
+    # Not the model's zero-shot edit guidance: that one is tuned together with the step size of
+    # a 200-step optimisation, while here the guidance alone sets how hard DDS pulls against
+    # the identity loss.  The paper's (and the reference's) CFG scale is the default.
+    w_end = cfg.guidance_end if cfg.guidance_end is not None else TRAIN_GUIDANCE
     tasks = load_tasks(cfg.tasks)
     pool = _make_pool(cfg, size)
     table = TaskTable.build(pool, tasks)
@@ -596,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the distillation score (sds: the paper's ablation)")
     p.add_argument("--guidance-start", type=float, default=d.guidance_start)
     p.add_argument("--guidance-end", type=float,
-                   help="final guidance (default: the model's edit guidance, else 7.5)")
+                   help="final guidance (default 7.5, the paper's CFG scale)")
     p.add_argument("--guidance-warmup", type=float, default=d.guidance_warmup,
                    help="fraction of the steps over which the guidance rises (0: no warm-up)")
     p.add_argument("--lambda-id-start", type=float, default=d.lambda_id_start)
