@@ -184,3 +184,12 @@ def test_subprocess_bad_input_has_no_traceback(tmp_path):
                         "--source", "a", "--target", "b"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--lrs", "--guidances"])
+def test_defaults_sweep_bad_grid_is_one_sentence(tmp_path, capsys, flag):
+    out = tmp_path / "sweep"
+    code, err = run(capsys, "eval", "builtin-defaults", flag, "0.1,x", "--out", out)
+    assert code == 2
+    assert f"{flag} takes a comma list of positive numbers" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -33,6 +33,13 @@ def cmd_model_measure(args) -> int:
     from dds.eval import builtin_quality as bq
     from dds.world import Judge
 
+    kw = dict(per_kind=4, lrs=(0.1, 0.4), guidances=(7.5,)) if args.quick else {}
+    if args.edits_per_kind:
+        kw["per_kind"] = args.edits_per_kind
+    if args.lrs:
+        kw["lrs"] = _floats(args.lrs, "--lrs")
+    if args.guidances:
+        kw["guidances"] = _floats(args.guidances, "--guidances")
     backend = get_backend(args.model)
     judge = Judge.load()
     out = Path(args.out or f"dds-eval/{args.experiment}")
@@ -43,13 +50,6 @@ def cmd_model_measure(args) -> int:
         bq.run_quality(backend, judge, out, preset, quiet=args.quiet)
         print((out / "report.md").read_text())
         return 0
-    kw = dict(per_kind=4, lrs=(0.1, 0.4), guidances=(7.5,)) if args.quick else {}
-    if args.edits_per_kind:
-        kw["per_kind"] = args.edits_per_kind
-    if args.lrs:
-        kw["lrs"] = _floats(args.lrs, "--lrs")
-    if args.guidances:
-        kw["guidances"] = _floats(args.guidances, "--guidances")
     result = bq.choose_defaults(backend, judge, quiet=args.quiet, **kw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
