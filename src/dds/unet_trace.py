@@ -20,6 +20,10 @@ import torch
 from torch import Tensor
 
 
+def _eager(unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+    return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
 class _UNetCall(torch.nn.Module):
     """unet(x, t, emb) -> the prediction as one tensor: the module that gets traced."""
 
@@ -28,7 +32,7 @@ class _UNetCall(torch.nn.Module):
         self.unet = unet
 
     def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        return _eager(self.unet, x, t, emb)
 
 
 class TracedUNet:
@@ -45,7 +49,7 @@ class TracedUNet:
     def __call__(self, unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         if (not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.jit.is_tracing()):
-            return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+            return _eager(unet, x, t, emb)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         key = (id(unet), tuple(x.shape), tuple(t.shape), tuple(emb.shape), x.dtype, emb.dtype,
                x.device, x.is_contiguous())
@@ -61,7 +65,7 @@ class TracedUNet:
                     stacklevel=3,
                 )
                 self.enabled = False
-                return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+                return _eager(unet, x, t, emb)
             self._traces[key] = traced
             while len(self._traces) > self.max_traces:
                 self._traces.popitem(last=False)
