@@ -7,6 +7,8 @@ from dds.score import (
     cfg,
     dds_grad,
     grad_to_loss,
+    guided_eps,
+    guided_eps_captions,
     noise_input,
     sds_grad,
     timestep_weight,
@@ -97,6 +99,21 @@ def test_dds_is_difference_of_sds_and_one_batched_call():
         s2 = sds_grad(net, zhat, eu, es, t, eps, A_BAR, 7.5)
     assert torch.allclose(d, s1 - s2, atol=1e-5)  # Eq. 4
     assert d.abs().max() > 1e-3
+
+
+def test_guided_eps_captions_shares_the_unconditional_branch():
+    net = Net()
+    z_t = torch.randn(3, 4, 6, 6)
+    t = torch.tensor([10, 500, 990])
+    eu, e1, e2 = torch.randn(3, 7, 5), torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    with torch.no_grad():
+        g1, g2 = guided_eps_captions(net, z_t, t, eu, [e1, e2], 7.5)
+        assert net.calls == [9]  # one unconditional batch + two conditional ones
+        for g, e in ((g1, e1), (g2, e2)):  # each equals its own two-branch CFG
+            u, c = net(z_t, t, eu), net(z_t, t, e)
+            assert torch.allclose(g, u + 7.5 * (c - u), atol=1e-5)
+            assert torch.allclose(g, guided_eps(net, z_t, t, eu, e, 7.5), atol=1e-5)
+    assert (g1 - g2).abs().max() > 1e-3
 
 
 def test_dds_zero_for_identical_pairs():

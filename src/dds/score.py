@@ -70,9 +70,21 @@ def guided_eps(
     eps_fn: EpsFn, z_t: Tensor, t: Tensor, emb_uncond: Tensor, emb_cond: Tensor, w: float
 ) -> Tensor:
     """eps^w(z_t, y, t) with both halves in one batched model call.  z_t: (B,C,h,w)."""
-    n = z_t.shape[0]
-    eps = eps_fn(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([emb_uncond, emb_cond]))
-    return cfg(eps[:n], eps[n:], w)
+    return guided_eps_captions(eps_fn, z_t, t, emb_uncond, [emb_cond], w)[0]
+
+
+def guided_eps_captions(
+    eps_fn: EpsFn, z_t: Tensor, t: Tensor, emb_uncond: Tensor, embs_cond: list[Tensor], w: float
+) -> list[Tensor]:
+    """eps^w(z_t, y_k, t) for several captions y_k of the same z_t, in one batched model call.
+
+    The unconditional half does not depend on the caption, so it is evaluated once: 1 + K
+    batches of B rows instead of 2K.  z_t: (B,C,h,w); each embs_cond[k]: (B,L,D).
+    """
+    n, k = z_t.shape[0], len(embs_cond)
+    eps = eps_fn(torch.cat([z_t] * (k + 1)), torch.cat([t] * (k + 1)),
+                 torch.cat([emb_uncond, *embs_cond])).split(n)
+    return [cfg(eps[0], e, w) for e in eps[1:]]
 
 
 def sds_grad(

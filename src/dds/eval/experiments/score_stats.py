@@ -26,7 +26,7 @@ from dds.eval.experiments.common import (
     write_csv,
 )
 from dds.progress import progress_bar
-from dds.score import sds_grad
+from dds.score import guided_eps_captions, noise_input, sds_grad
 
 
 def _rows(z: Tensor, d: int) -> Tensor:
@@ -52,6 +52,26 @@ def sds_grads_shared(backend, zs: list[Tensor], embs: list[Tensor], t: int, eps:
     return list(g.float().cpu().split(n))
 
 
+@torch.no_grad()
+def sds_grads_captions(backend, z: Tensor, embs: list[Tensor], t: int, eps: Tensor,
+                       guidance: float) -> list[Tensor]:
+    """SDS gradients (Eq. 1) of ONE latent batch under several captions, same t and eps.
+
+    z_t is the same for every caption, so the unconditional branch is evaluated once
+    (`guided_eps_captions`).  z, eps: (N,C,h,w); embs[k]: (N,L,D).  Returns one (N,C,h,w) per
+    caption.
+    """
+    dev = backend.device
+    n = z.shape[0]
+    tt = torch.full((n,), t, dtype=torch.long, device=dev)
+    eps = eps.to(dev)
+    z_t = noise_input(z.to(dev), eps, tt, backend.alphas_cumprod.to(dev))
+    emb_u = backend.uncond_embedding().to(dev).expand(n, -1, -1)
+    gs = guided_eps_captions(backend.predict_eps, z_t, tt, emb_u, [e.to(dev) for e in embs],
+                             guidance)
+    return [(g - eps).float().cpu() for g in gs]
+
+
 def noise_draws(n_noise: int, b: int, shape, chunk_rows: int, gen: torch.Generator):
     """Yield eps chunks (d*B, C, h, w) until n_noise draws per pair are done."""
     d_max = max(1, chunk_rows // b)
@@ -67,15 +87,16 @@ def norms_unit(backend, z: Tensor, emb_aligned: Tensor, emb_unaligned: Tensor, t
                bar=None) -> dict[str, list[float]]:
     """Per pair: mean and std over n_noise draws of the SDS norm, aligned and unaligned.
 
-    Both captions see the same eps, so their difference is not blurred by noise.
+    Both captions see the same eps, so their difference is not blurred by noise; they also
+    share the unconditional branch (3 UNet rows per draw instead of 4).
     """
     b = z.shape[0]
     s = torch.zeros(2, b, dtype=torch.float64)
     s2 = torch.zeros(2, b, dtype=torch.float64)
     for d, eps in noise_draws(n_noise, b, z.shape[1:], chunk_rows, gen):
-        zz = _rows(z, d)
-        ga, gu = sds_grads_shared(backend, [zz, zz], [_rows(emb_aligned, d), _rows(emb_unaligned, d)],
-                                  t, eps, guidance)
+        ga, gu = sds_grads_captions(backend, _rows(z, d),
+                                    [_rows(emb_aligned, d), _rows(emb_unaligned, d)], t, eps,
+                                    guidance)
         nrm = torch.stack([ga.flatten(1).norm(dim=1), gu.flatten(1).norm(dim=1)])  # (2, d*B)
         nrm = nrm.view(2, d, b).double()
         s += nrm.sum(1)
