@@ -354,6 +354,9 @@ def parse_args(argv):
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--trace", default="auto", choices=["auto", "on", "off"],
                    help="fast path: TorchScript trace of the UNet call (auto: CPU, uncompiled)")
+    p.add_argument("--split", default="auto", choices=["auto", "on", "off"],
+                   help="fast path: split each traced UNet batch by rows over the CPU threads "
+                   "(auto: CPU)")
     p.add_argument("--channels-last", action="store_true", help="fast path: channels-last UNet")
     p.add_argument(
         "--paths",
@@ -493,6 +496,7 @@ def main(argv=None) -> dict:
                         cuda_graphs=_flag(a.cuda_graphs),
                         channels_last=a.channels_last,
                         trace=_flag(a.trace),
+                        parallel=_flag(a.split),
                     )
 
                 def run(steps, ed=ed, z_hat=z_hat, seeds=seeds):
@@ -515,6 +519,8 @@ def main(argv=None) -> dict:
                     "cuda_graphs": ed.cuda_graphs,
                     "channels_last": ed.channels_last,
                     "trace": ed.trace,
+                    "split": bool(ed.trace and (device.type == "cpu" if ed.parallel == "auto"
+                                                else ed.parallel)),
                 }
             mem = peak_mb(device)
             out = out.float().cpu()

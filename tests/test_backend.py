@@ -39,7 +39,9 @@ def test_prompt_embedding_shape_and_long_prompt_warns(tiny_backend):
 def test_predict_eps_epsilon_model(tiny_backend):
     z, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
     out = tiny_backend.predict_eps(z, t, emb)
-    assert torch.allclose(out, tiny_backend.unet(z, t, encoder_hidden_states=emb).sample)
+    # atol: the CPU call is traced and split by rows (dds.unet_trace), which rounds differently
+    assert torch.allclose(out, tiny_backend.unet(z, t, encoder_hidden_states=emb).sample,
+                          atol=1e-5)
 
 
 def test_predict_eps_trace_matches_eager(tiny_backend):
@@ -64,7 +66,8 @@ def test_predict_eps_converts_v_prediction(tiny_sd_v):
     assert b.prediction_type == "v_prediction"
     z, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
     v = b.unet(z, t, encoder_hidden_states=emb).sample
-    assert torch.allclose(b.predict_eps(z, t, emb), v_to_eps(v, z, t, b.alphas_cumprod))
+    assert torch.allclose(b.predict_eps(z, t, emb), v_to_eps(v, z, t, b.alphas_cumprod),
+                          atol=1e-5)  # the CPU call is row-split: rounding differs
 
 
 def test_alphas_cumprod_from_scheduler_config(tiny_backend):

@@ -167,7 +167,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, tmp_pa
            "--resolution", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
            "--val-every", "2", "--val-images", "2", "--log-every", "1", "--cpu", "--quiet",
            "--debug-hang-after", "2"]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    # The same thread count as the in-process run it is compared with, bit for bit: CPU
+    # kernels' rounding (and dds.unet_trace's row split) depends on it.
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -275,7 +277,9 @@ def test_two_cpu_processes_with_accumulation(tiny_sd, tmp_path):
            "--task", "circle:square", "--world-size", "40", "--resolution", "16",
            "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--checkpoint-every", "1",
            "--keep-checkpoints", "1", "--val-images", "1", "--cpu", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    # The same thread count as the in-process run it is compared with, bit for bit: CPU
+    # kernels' rounding (and dds.unet_trace's row split) depends on it.
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]

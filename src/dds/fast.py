@@ -20,7 +20,9 @@ What makes it fast (each is a flag, the defaults are listed in `FastEditor`):
   (CUDA only); either falls back to eager with one warning when unavailable;
 * where nothing is compiled (the CPU default), the UNet call traced once per input shape with
   `torch.jit.trace`: a second to build, the same arithmetic, without the Python overhead of
-  several hundred module calls per step (a large share of a small model's call on a CPU);
+  several hundred module calls per step (a large share of a small model's call on a CPU); and
+  each traced batch split by rows over the CPU threads, one chunk per thread, so that two cores
+  work on two halves instead of meeting at every small op;
 * many edits in one batch (B edits -> one UNet call of 4B).
 
 No per-step callback: reporting progress would need the host to read the device every step.
@@ -90,6 +92,8 @@ class FastEditor:
         a TorchScript trace built once per input shape (`dds.unet_trace`); eager if it fails.
     channels_last: run the UNet with channels-last memory format (off by default: it measured
         no faster on CPU; try it on a GPU with the benchmark's --channels-last).
+    parallel: "auto" (on for the CPU), True/False: split each traced UNet batch by rows over
+        the CPU threads, one chunk per thread (`dds.unet_trace`); only with `trace`.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class FastEditor:
         cuda_graphs="auto",
         channels_last: bool = False,
         trace="auto",
+        parallel="auto",
     ):
         self.backend = backend
         self.device = torch.device(backend.device)
@@ -139,7 +144,7 @@ class FastEditor:
         self.cuda_graphs = bool(cuda_graphs)
         if trace == "auto":
             trace = self.compile_mode is None and not on_cuda
-        self._traced = TracedUNet(enabled=bool(trace))
+        self._traced = TracedUNet(enabled=bool(trace), parallel=parallel)
         self._step = self._eager_step
         if self.compile_mode is not None:
             self._compiled = None  # built at the first call, so a failure can fall back
@@ -149,6 +154,10 @@ class FastEditor:
     @property
     def trace(self) -> bool:
         return self._traced.enabled
+
+    @property
+    def parallel(self):
+        return self._traced.parallel
 
     # ---- prompts -----------------------------------------------------------------------
     def prompt_embedding(self, prompts: list[str]) -> Tensor:
@@ -377,13 +386,14 @@ def fast_edit_latents(
     cuda_graphs="auto",
     channels_last: bool = False,
     trace="auto",
+    parallel="auto",
 ) -> Tensor:
     """`edit_latents` through a cached `FastEditor` (one per backend and settings).
 
     Same arguments and result as `dds.edit.edit_latents` (no callback); the keyword flags are
     `FastEditor`'s.  z_hat: (B,C,h,w) -> (B,C,h,w) float32 edited latents.
     """
-    key = (id(backend), precision, compile, cuda_graphs, channels_last, trace)
+    key = (id(backend), precision, compile, cuda_graphs, channels_last, trace, parallel)
     ed = _EDITORS.get(key)
     if ed is None or ed.backend is not backend:
         ed = FastEditor(
@@ -393,6 +403,7 @@ def fast_edit_latents(
             cuda_graphs=cuda_graphs,
             channels_last=channels_last,
             trace=trace,
+            parallel=parallel,
         )
         _EDITORS[key] = ed
     return ed.edit(z_hat, emb_source, emb_target, cfg, seeds=seeds)
