@@ -94,7 +94,7 @@ class TracedUNet:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // k))
         try:
-            futures = [self._pool.submit(f, *a) for f, a in zip(calls[1:], chunks[1:])]
+            futures = [self._pool.submit(f, *a) for f, a in zip(calls[1:], chunks[1:], strict=True)]
             first = calls[0](*chunks[0])
             return torch.cat([first, *(f.result() for f in futures)])
         finally:
