@@ -72,6 +72,7 @@ class TracedUNet:
         self.parallel = parallel
         self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def __len__(self) -> int:
         return len(self._traces)
@@ -89,8 +90,9 @@ class TracedUNet:
         calls = [self._trace_for(unet, *a) for a in chunks]  # built here, one thread at a time
         if any(c is None for c in calls):
             return _eager(unet, x, t, emb)
-        if self._pool is None or self._pool._max_workers < k - 1:
+        if self._pool_size < k - 1:
             self._pool = ThreadPoolExecutor(k - 1, thread_name_prefix="dds-unet")
+            self._pool_size = k - 1
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // k))
         try:
