@@ -177,10 +177,10 @@ def make_backend(model: Model, device: torch.device, dtype: torch.dtype):
     """A `StableDiffusionBackend` around a device copy of the UNet in `dtype` (no VAE or text
     encoder: the prompts are already encoded), so `edit_latents` runs its real code."""
     from dds.backends import StableDiffusionBackend
-    from dds.unet_trace import TracedUNet
+    from dds.unet_trace import unet_call_for
 
     b = StableDiffusionBackend.__new__(StableDiffusionBackend)
-    b._unet_call = TracedUNet(enabled=device.type == "cpu")  # as the backend's trace="auto"
+    b._unet_call = unet_call_for(device)
     b.unet = copy.deepcopy(model.unet).to(device, dtype).eval().requires_grad_(False)
     b.device, b.dtype = device, dtype
     b.alphas_cumprod = model.alphas_cumprod.to(device)

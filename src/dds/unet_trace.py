@@ -45,6 +45,13 @@ class _UNetCall(torch.nn.Module):
         return _eager(self.unet, x, t, emb)
 
 
+def unet_call_for(device, trace="auto") -> TracedUNet:
+    """A frozen model's UNet call on `device`: traced (and row-split) when `trace` is True, or
+    when it is "auto" and the device is the CPU."""
+    on = torch.device(device).type == "cpu" if trace == "auto" else bool(trace)
+    return TracedUNet(enabled=on)
+
+
 def row_chunks(n: int, k: int) -> list[slice]:
     """n rows in k contiguous chunks whose sizes differ by at most one (k <= n)."""
     base, extra = divmod(n, k)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dds.errors import DDSError
 from dds.score import v_to_eps
-from dds.unet_trace import TracedUNet
+from dds.unet_trace import unet_call_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -152,7 +152,7 @@ class StableDiffusionBackend:
         self._uncond: Tensor | None = None
         # The frozen UNet replayed from a per-shape TorchScript trace on the CPU, where Python
         # overhead is a large part of a small model's call (dds.unet_trace).
-        self._unet_call = TracedUNet(enabled=self.device.type == "cpu" if trace == "auto" else trace)
+        self._unet_call = unet_call_for(self.device, trace)
         # Editing settings recommended for this model (the built-in model ships measured ones).
         defaults = self.root / "dds_edit_defaults.json"
         self.edit_defaults = json.loads(defaults.read_text()) if defaults.is_file() else {}
