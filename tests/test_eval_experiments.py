@@ -134,6 +134,32 @@ def test_score_cosine_quick(tiny_backend, tmp_path):
     assert (out / "score_cosine.png").is_file()
 
 
+class RedrawingBar:
+    """A progress bar whose `update` returns True, as tqdm's does whenever it redraws."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+        return True
+
+
+def test_sweep_edit_runs_every_step_while_its_bar_redraws(tiny_backend, tmp_path):
+    from dds.edit import edit_latents
+    from dds.eval.experiments.editing import run_method
+    from dds.eval.world_edits import decode01
+
+    ctx = _ctx(tiny_backend, tmp_path)
+    es = ctx.editset(1)  # one edit per kind
+    bar = RedrawingBar()
+    out = run_method(ctx, es, "dds", 7.5, slice(0, 3), {"steps": 4}, bar)
+    assert bar.n == 3 * 4  # every step of every edit ran
+    full = edit_latents(tiny_backend, es.z_hat[:3], es.emb_source[:3], es.emb_target[:3],
+                        ctx.edit_cfg(method="dds", guidance=7.5, steps=4), seeds=[0, 1, 2])
+    assert torch.allclose(out, decode01(tiny_backend, full), atol=1e-6)
+
+
 @pytest.mark.slow  # ~15 s idle, over a minute on a loaded 2-core machine
 def test_guidance_sweep_quick(tiny_backend, tmp_path):
     out = tmp_path / "sweep"

@@ -22,6 +22,19 @@ def _lists(d: dict) -> dict[str, list[float]]:
     return {k: np.asarray(v, dtype=float).tolist() for k, v in d.items()}
 
 
+def advance(bar, n: int):
+    """A step callback that advances `bar` by n per step and never stops the edit.
+
+    (tqdm's `update` returns True whenever it redraws, and a callback returning True stops
+    `edit_latents`: the bar's value must not be passed on.)
+    """
+
+    def cb(step, z, norms) -> None:
+        bar.update(n)
+
+    return cb
+
+
 # ---- one method on one batch ------------------------------------------------------------------
 def run_method(ctx, es: EditSet, method: str, value: float, sl: slice, p: dict, bar) -> Tensor:
     """Outputs (n,3,H,W) in [0,1] of one method at one setting on edits[sl]."""
@@ -33,7 +46,7 @@ def run_method(ctx, es: EditSet, method: str, value: float, sl: slice, p: dict, 
     if method in ("dds", "sds"):
         cfg = ctx.edit_cfg(method=method, guidance=float(value), steps=p["steps"])
         z = edit_latents(b, z_hat, e_s, e_t, cfg, seeds=[ctx.seed + sl.start + i for i in range(n)],
-                         callback=lambda *a: bar.update(n))
+                         callback=advance(bar, n))
     elif method == "sdedit":
         z = sdedit(b, z_hat, e_t, strength=float(value), guidance=p["sdedit_guidance"],
                    steps=p["sampler_steps"], seed=ctx.seed + sl.start)
