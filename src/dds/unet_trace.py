@@ -8,7 +8,7 @@ shapes it saw (diffusers' UNet branches on shapes), so one is kept per input sha
 kept is bounded.  A UNet that cannot be traced runs eager, with one warning.
 
 On a CPU with several threads, a traced call is also split by rows into one chunk per thread,
-and each chunk runs on its own thread with one intra-op thread.  The ops of a small UNet are too
+and each chunk runs on its own thread with threads // chunks intra-op threads (one on two cores).  The ops of a small UNet are too
 small for intra-op parallelism to pay (every op wakes and joins the other threads; with passive
 OpenMP waiting, dds's default, a wake-up is a system call), while two independent halves keep
 both cores busy with no synchronisation until the end: 1.3x to 1.75x faster on two cores, for
@@ -98,6 +98,8 @@ class TracedUNet:
         if any(c is None for c in calls):
             return _eager(unet, x, t, emb)
         if self._pool_size < k - 1:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
             self._pool = ThreadPoolExecutor(k - 1, thread_name_prefix="dds-unet")
             self._pool_size = k - 1
         threads = torch.get_num_threads()
