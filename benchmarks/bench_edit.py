@@ -519,8 +519,7 @@ def main(argv=None) -> dict:
                     "cuda_graphs": ed.cuda_graphs,
                     "channels_last": ed.channels_last,
                     "trace": ed.trace,
-                    "split": bool(ed.trace and (device.type == "cpu" if ed.parallel == "auto"
-                                                else ed.parallel)),
+                    "split": ed.split,
                 }
             mem = peak_mb(device)
             out = out.float().cpu()

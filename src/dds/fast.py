@@ -156,8 +156,9 @@ class FastEditor:
         return self._traced.enabled
 
     @property
-    def parallel(self):
-        return self._traced.parallel
+    def split(self) -> bool:
+        """Whether the traced UNet calls are split by rows over the CPU threads."""
+        return self.trace and self._traced.parallel_on(self.device)
 
     # ---- prompts -----------------------------------------------------------------------
     def prompt_embedding(self, prompts: list[str]) -> Tensor:

@@ -90,13 +90,12 @@ class TracedUNet:
             return _eager(unet, x, t, emb)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         k = self.workers(x)
-        if k < 2:
-            traced = self._trace_for(unet, x, t, emb)
-            return _eager(unet, x, t, emb) if traced is None else traced(x, t, emb)
         chunks = [(x[c], t[c], emb[c]) for c in row_chunks(x.shape[0], k)]
         calls = [self._trace_for(unet, *a) for a in chunks]  # built here, one thread at a time
         if any(c is None for c in calls):
             return _eager(unet, x, t, emb)
+        if k == 1:
+            return calls[0](*chunks[0])
         if self._pool_size < k - 1:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
@@ -111,10 +110,15 @@ class TracedUNet:
         finally:
             torch.set_num_threads(threads)
 
+    def parallel_on(self, device) -> bool:
+        """Whether traced calls on `device` are split ("auto": on the CPU)."""
+        if self.parallel == "auto":
+            return torch.device(device).type == "cpu"
+        return bool(self.parallel)
+
     def workers(self, x: Tensor) -> int:
         """How many concurrent chunks a traced call on x is split into (1: not split)."""
-        on = x.device.type == "cpu" if self.parallel == "auto" else bool(self.parallel)
-        return min(torch.get_num_threads(), x.shape[0]) if on else 1
+        return max(1, min(torch.get_num_threads(), x.shape[0])) if self.parallel_on(x.device) else 1
 
     def _trace_for(self, unet, x: Tensor, t: Tensor, emb: Tensor):
         """The trace for these input shapes (built on first use), or None if tracing failed."""
