@@ -94,3 +94,27 @@ def test_defaults_rule_prefers_success_then_truth():
     assert pick_defaults(rows, 8)["lr"] == 0.4
     # with many edits only the best success counts
     assert pick_defaults(rows, 1000)["lr"] == 0.2
+
+
+def test_attribute_agreement_reads_each_field_left_to_right():
+    from dds.eval.builtin_quality import attribute_agreement, prompt_agreement
+    from dds.world import parse_caption
+
+    wanted = parse_caption("a red circle and a blue star on a white striped background")
+    obj = lambda shape, color: {"shape": shape, "color": color}  # noqa: E731
+    read = {"objects": [obj("circle", "red"), obj("star", "blue")], "background": "white",
+            "texture": "stripes"}
+    assert prompt_agreement(read, wanted)
+    assert all(attribute_agreement(read, wanted).values())
+    # right shapes in the wrong colours (swapped between the objects)
+    swapped = {**read, "objects": [obj("circle", "blue"), obj("star", "red")]}
+    a = attribute_agreement(swapped, wanted)
+    assert a["object_shape"] and not a["object_color"] and not a["objects"]
+    assert not prompt_agreement(swapped, wanted)
+    # one object missing: no object field agrees, the background still does
+    a = attribute_agreement({**read, "objects": [obj("circle", "red")]}, wanted)
+    assert not (a["objects"] or a["object_shape"] or a["object_color"]) and a["background"]
+    # a caption without a texture leaves texture out of the verdict
+    plain = parse_caption("a red circle on a white background")
+    one = {"objects": [obj("circle", "red")], "background": "white", "texture": "dots"}
+    assert attribute_agreement(one, plain)["texture"] is None and prompt_agreement(one, plain)

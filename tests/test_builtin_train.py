@@ -46,6 +46,21 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
 
     for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         assert (model_dir / sub).is_dir()
+    # The judge's learning curve: one reading every judge_every steps, the last one of the
+    # exported model (measured again here, independently of the training loop).
+    with open(run_dir / "eval.csv", newline="") as f:
+        readings = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in readings] == [2, 4]
+    from dds.backends.stable_diffusion import StableDiffusionBackend
+    from dds.eval.builtin_quality import eval_generation
+    from dds.world import Judge
+
+    cfg = tiny_cfg()
+    again = eval_generation(StableDiffusionBackend(model_dir), Judge.load(), cfg.judge_prompts,
+                            1, cfg.judge_steps, batch_size=cfg.judge_prompts, quiet=True)
+    for k in ("all_attributes", "objects", "object_shape", "object_color", "background"):
+        assert float(readings[-1][k]) == pytest.approx(again[k], abs=1e-4), k
+    assert res["unet"]["judge_final"]["step"] == "4"
     index = json.loads((model_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["requires_safety_checker"] is False
@@ -117,6 +132,8 @@ def test_killed_runs_resume_to_identical_weights(full_run, tmp_path):
     with open(run2 / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] * 2
+    with open(run2 / "eval.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
 
 
 def test_resume_refuses_a_different_model(full_run):
@@ -130,5 +147,7 @@ def test_resume_refuses_a_different_model(full_run):
 
 def test_command_line_parses():
     p = T.build_parser()
-    a = p.parse_args(["--tiny", "--vae-steps", "3", "--no-resume", "--threads", "1"])
+    a = p.parse_args(["--tiny", "--vae-steps", "3", "--no-resume", "--threads", "1",
+                      "--judge-every", "0"])
     assert a.tiny and a.vae_steps == 3 and a.no_resume and a.threads == 1
+    assert a.judge_every == 0

@@ -105,6 +105,12 @@ class TrainConfig:
     log_every: int = 10
     eval_images: int = 256
     scale_images: int = 512
+    # Every judge_every UNet steps (and at the end), the EMA model draws judge_prompts held-out
+    # single-object prompts (DDIM, judge_steps steps, guidance 7.5) and the judge reads them
+    # back: RUN/eval.csv is the learning curve of prompt agreement (0 turns it off).
+    judge_every: int = 500
+    judge_prompts: int = 64
+    judge_steps: int = 20
     sample_captions: tuple[str, ...] = (
         "a red circle on a blue striped background",
         "a yellow star on a green checkered background",
@@ -155,6 +161,9 @@ def tiny() -> TrainConfig:
         log_every=1,
         eval_images=4,
         scale_images=8,
+        judge_every=2,
+        judge_prompts=2,
+        judge_steps=2,
         sample_captions=("a red circle on a blue striped background",),
         vae=VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4),
         unet=UNetConfig(

@@ -50,6 +50,8 @@ from dds.eval.metrics import psnr
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
 STAGE_IDS = {"vae": 1, "unet": 2, "scale": 3, "eval": 4}
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
+JUDGE_FIELDS = ["stage", "step", "all_attributes", "objects", "object_shape", "object_color",
+                "background", "texture", "seconds"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,10 +132,12 @@ def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> 
 
 
 class CsvLog:
-    """``log.csv`` (stage, step, loss, lr, seconds); rows past a resumed step are dropped."""
+    """A per-step CSV log (``log.csv``: stage, step, loss, lr, seconds; ``eval.csv``: judge
+    readings); rows past a resumed step are dropped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fields: list[str] = LOG_FIELDS):
         self.path = path
+        self.fields = fields
 
     def truncate_after(self, stage: str, step: int) -> None:
         if not self.path.exists():
@@ -151,25 +155,28 @@ class CsvLog:
 
     def _write_all(self, rows: list[dict]) -> None:
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             w.writerows(rows)
 
-    def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
+    def write_row(self, row: dict) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w = csv.DictWriter(f, fieldnames=self.fields)
             if new:
                 w.writeheader()
-            w.writerow(
-                {
-                    "stage": stage,
-                    "step": step,
-                    "loss": f"{loss:.6f}",
-                    "lr": f"{lr:.6g}",
-                    "seconds": f"{seconds:.1f}",
-                }
-            )
+            w.writerow(row)
+
+    def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
+        self.write_row(
+            {
+                "stage": stage,
+                "step": step,
+                "loss": f"{loss:.6f}",
+                "lr": f"{lr:.6g}",
+                "seconds": f"{seconds:.1f}",
+            }
+        )
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -434,12 +441,29 @@ def ddim_sample(
     return ((img + 1.0) / 2.0).clamp(0, 1)
 
 
+def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, tokenizer) -> dict:
+    """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
+    backend, how often the judge reads back every attribute of held-out single-object prompts
+    (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts)."""
+    from dds.backends.stable_diffusion import StableDiffusionBackend
+    from dds.eval.builtin_quality import eval_generation
+    from dds.world import Judge
+
+    export_pipeline_folder(model_dir, vae, unet, text_encoder, tokenizer)
+    backend = StableDiffusionBackend(model_dir, device="cpu")
+    r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
+                        batch_size=min(50, cfg.judge_prompts), quiet=True)
+    r.pop("samples")
+    return r
+
+
 def train_unet(
     cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list
 ):
     """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early."""
     ckpt_path = run_dir / "unet.pt"
     log = CsvLog(run_dir / "log.csv")
+    judged = CsvLog(run_dir / "eval.csv", JUDGE_FIELDS)
     torch.manual_seed(cfg.seed + 1)
     text_encoder = C.build_text_encoder(cfg.text)
     unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
@@ -463,8 +487,10 @@ def train_unet(
         set_rng_states(ck["rng"])
         step, seconds, ema_updates = ck["step"], ck["seconds"], ck["ema_updates"]
         log.truncate_after("unet", step)
+        judged.truncate_after("unet", step)
     else:
         log.truncate_after("unet", -1)
+        judged.truncate_after("unet", -1)
 
     def save() -> None:
         atomic_torch_save(
@@ -499,6 +525,14 @@ def train_unet(
             for s in range(2)
         ]
         save_grid(torch.cat(imgs), run_dir / "samples" / f"unet_{step:06d}.png", ncol=len(caps))
+
+    def judge_row() -> dict:
+        u, t = ema_models()
+        r = judge_reading(cfg, run_dir / "latest-model", vae, u, t, tokenizer)
+        judged.write_row({"stage": "unet", "step": step, "seconds": f"{seconds:.1f}",
+                          **{k: "" if r[k] is None else f"{r[k]:.4f}"
+                             for k in JUDGE_FIELDS[2:-1]}})
+        return r
 
     noise_sched = make_noise_scheduler()
     sf = float(vae.config.scaling_factor)
@@ -558,6 +592,13 @@ def train_unet(
             save()
         if step % cfg.sample_every == 0 or step == cfg.unet_steps:
             sample_grid()
+        if cfg.judge_every and (step % cfg.judge_every == 0 or step == cfg.unet_steps):
+            reading = judge_row()
+            if bar:
+                bar.write(f"step {step}: judge agrees with every attribute of "
+                          f"{reading['all_attributes']:.0%} of {reading['n']} prompts "
+                          f"(object shape {reading['object_shape']:.0%}, "
+                          f"colour {reading['object_color']:.0%})")
     if bar:
         bar.close()
     u, t = ema_models()
@@ -569,6 +610,9 @@ def train_unet(
         "final_loss": sum(tail) / max(1, len(tail)),
         "ema_updates": ema_updates,
     }
+    readings = [r for r in judged.rows() if r["stage"] == "unet"]
+    if readings:
+        info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
     return u, t, info
 
 
@@ -769,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size")
     p.add_argument("--offset-noise", type=float, default=None,
                    help="std of the per-channel constant added to the UNet's training noise")
+    p.add_argument("--judge-every", type=int, default=None,
+                   help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
@@ -787,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         offset_noise=args.offset_noise,
+        judge_every=args.judge_every,
     )
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)

@@ -56,15 +56,21 @@ QUICK = QualityPreset(gen_single=40, gen_double=20, gen_steps=20, vae_images=64,
 
 def prompt_agreement(pred: dict, wanted: dict) -> bool:
     """Does a judge reading agree with every attribute a parsed caption mentions?"""
-    objs = pred["objects"]
-    if len(objs) != len(wanted["objects"]):
-        return False
-    for o, w in zip(objs, wanted["objects"], strict=True):
-        if o["shape"] != w["shape"] or o["color"] != w["color"]:
-            return False
-    if pred["background"] != wanted["background"]:
-        return False
-    return wanted["texture"] is None or pred["texture"] == wanted["texture"]
+    return all(v for v in attribute_agreement(pred, wanted).values() if v is not None)
+
+
+def attribute_agreement(pred: dict, wanted: dict) -> dict[str, bool | None]:
+    """Per attribute, does a judge reading agree with a parsed caption?  The object entries
+    need the right number of objects and every object right in that field, left to right;
+    texture is None when the caption names none."""
+    def objects(fields):
+        return ([[o[f] for f in fields] for o in pred["objects"]]
+                == [[o[f] for f in fields] for o in wanted["objects"]])
+
+    return {"objects": objects(("shape", "color")), "object_shape": objects(("shape",)),
+            "object_color": objects(("color",)),
+            "background": pred["background"] == wanted["background"],
+            "texture": None if wanted["texture"] is None else pred["texture"] == wanted["texture"]}
 
 
 def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
@@ -72,7 +78,9 @@ def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
                     quiet: bool = False) -> dict:
     rng = np.random.default_rng([seed, 1, n_objects])
     prompts = [caption(sample_scene(rng, n_objects=n_objects)) for _ in range(n)]
-    agree, per_attr = [], {"objects": [], "background": [], "texture": []}
+    agree = []
+    per_attr = {"objects": [], "object_shape": [], "object_color": [], "background": [],
+                "texture": []}
     bar = progress_bar(n, f"generation ({n_objects} object{'s' if n_objects > 1 else ''})",
                        quiet=quiet, unit="img")
     images = []
@@ -84,12 +92,9 @@ def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
         for p, text in zip(judge.predict(x), chunk, strict=True):
             w = parse_caption(text)
             agree.append(prompt_agreement(p, w))
-            per_attr["objects"].append(
-                [(o["shape"], o["color"]) for o in p["objects"]]
-                == [(o["shape"], o["color"]) for o in w["objects"]])
-            per_attr["background"].append(p["background"] == w["background"])
-            if w["texture"] is not None:
-                per_attr["texture"].append(p["texture"] == w["texture"])
+            for k, v in attribute_agreement(p, w).items():
+                if v is not None:
+                    per_attr[k].append(v)
         bar.update(len(chunk))
     bar.close()
     return {"n": n, "all_attributes": float(np.mean(agree)),
