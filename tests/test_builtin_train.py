@@ -151,3 +151,31 @@ def test_command_line_parses():
                       "--judge-every", "0"])
     assert a.tiny and a.vae_steps == 3 and a.no_resume and a.threads == 1
     assert a.judge_every == 0
+
+
+def test_weighted_mse_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    se = (pred - target).square()
+    assert torch.allclose(T.weighted_mse(pred, target, None), se.mean())
+    assert torch.allclose(T.weighted_mse(pred, target, torch.full((2, 1, 4, 4), 3.0)), se.mean())
+    w = torch.ones(2, 1, 4, 4)
+    w[..., :2] = 3.0  # the left half of every map weighs three times the right half
+    want = (3 * se[..., :2].mean() + se[..., 2:].mean()) / 4
+    assert torch.allclose(T.weighted_mse(pred, target, w), want)
+
+
+def test_object_weights_follow_the_object_masks():
+    from dds.world import sample_scene
+    from dds.world.scene import object_masks
+
+    scenes = [sample_scene(np.random.default_rng([3, k]), n_objects=1 + k % 2) for k in range(4)]
+    w = T.object_weights(scenes, 64, 16, 5.0)
+    assert w.shape == (4, 1, 16, 16) and float(w.min()) == 1.0
+    for k, s in enumerate(scenes):
+        cover = object_masks(s, 64).max(axis=0)
+        # average pooling keeps the mean coverage, and a latent cell is 4x4 pixels
+        assert float((w[k] - 1).mean() / 5) == pytest.approx(float(cover.mean()), abs=1e-6)
+        cells = cover.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+        assert np.allclose((w[k, 0].numpy() - 1) / 5, cells, atol=1e-6)
+        assert float(w[k].max()) == pytest.approx(6.0, abs=1e-6)  # some cell inside an object

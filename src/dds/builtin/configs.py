@@ -98,6 +98,11 @@ class TrainConfig:
     # schedule (sqrt(alpha_bar_T) * mean is as large as the mean of 256 unit noise values), so
     # without it the model reads the background colour from the initial noise, not the prompt.
     offset_noise: float = 0.25
+    # Weight of the latent cells that objects cover in the UNet's loss: a cell weighs
+    # 1 + object_loss_weight * (objects' coverage of it).  Objects fill about a tenth of a scene,
+    # and a shape differs from another in a few of their cells, so under the plain mean the
+    # shape words carry little of the loss (0: the plain mean, as the shipped model was trained).
+    object_loss_weight: float = 0.0
     # Logging / checkpoints.
     ckpt_every: int = 200
     sample_every: int = 200

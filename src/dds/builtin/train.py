@@ -388,6 +388,23 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
 # --------------------------------------------------------------------------------------------
 
 
+def object_weights(scenes, image_size: int, latent_size: int, weight: float) -> torch.Tensor:
+    """(B,1,h,w) loss weights 1 + weight * (the objects' coverage of each latent cell)."""
+    from dds.world.scene import object_masks
+
+    cover = np.stack([object_masks(s, image_size).max(axis=0, initial=0.0) for s in scenes])
+    cells = F.adaptive_avg_pool2d(torch.from_numpy(cover)[:, None], latent_size)
+    return 1.0 + weight * cells
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """mean(w * (pred - target)^2) / mean(w) over every element (w broadcast); plain MSE for None."""
+    if w is None:
+        return F.mse_loss(pred, target)
+    w = w.expand_as(pred)
+    return (w * (pred - target).square()).sum() / w.sum()
+
+
 def make_noise_scheduler():
     from diffusers import DDPMScheduler
 
@@ -564,7 +581,9 @@ def train_unet(
         noisy = noise_sched.add_noise(lat, noise, ts)
         ctx = encode_text(text_encoder, tokenizer, caps)
         pred = unet(noisy, ts, ctx).sample
-        loss = F.mse_loss(pred, noise)
+        w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1], cfg.object_loss_weight)
+             if cfg.object_loss_weight else None)
+        loss = weighted_mse(pred, noise, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(
@@ -813,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size")
     p.add_argument("--offset-noise", type=float, default=None,
                    help="std of the per-channel constant added to the UNet's training noise")
+    p.add_argument("--object-loss-weight", type=float, default=None,
+                   help="extra loss weight of the latent cells objects cover (0: plain mean)")
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
@@ -834,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         offset_noise=args.offset_noise,
         judge_every=args.judge_every,
+        object_loss_weight=args.object_loss_weight,
     )
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
