@@ -67,3 +67,18 @@ def tiny_backend(tiny_sd):
     from dds.backends import StableDiffusionBackend
 
     return StableDiffusionBackend(tiny_sd, dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def translate_cfg(tiny_sd):
+    """translate_cfg(out, **overrides): a translation-training config on the tiny model that
+    trains two tasks in seconds."""
+    from dds.translate.train import TrainConfig
+
+    def make(out, **kw):
+        d = dict(out=str(out), model=str(tiny_sd), tasks=("circle:square", "circle:star"),
+                 world_size=40, resolution=16, steps=4, batch_size=2, checkpoint_every=2,
+                 val_every=2, val_images=2, log_every=1, device="cpu", quiet=True)
+        return TrainConfig(**{**d, **kw})
+
+    return make

@@ -22,14 +22,6 @@ from dds.translate.train import TrainConfig, guidance, lambda_id, latest_good, t
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def small_cfg(tiny_sd, out, **kw):
-    d = dict(out=str(out), model=str(tiny_sd), tasks=("circle:square", "circle:star"),
-             world_size=40, resolution=16, steps=4, batch_size=2, checkpoint_every=2,
-             val_every=2, val_images=2, log_every=1, device="cpu", quiet=True)
-    d.update(kw)
-    return TrainConfig(**d)
-
-
 def weights(folder):
     from safetensors.torch import load_file
 
@@ -38,8 +30,8 @@ def weights(folder):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sd, tmp_path_factory):
-    return train(small_cfg(tiny_sd, tmp_path_factory.mktemp("tr") / "run"))
+def trained(translate_cfg, tmp_path_factory):
+    return train(translate_cfg(tmp_path_factory.mktemp("tr") / "run"))
 
 
 # ---- network ----------------------------------------------------------------------------
@@ -159,9 +151,10 @@ def test_tensorboard_logs_the_schedules_as_in_log_csv(trained):
         assert [v for _, v in logged] == pytest.approx([float(r[key]) for r in rows], rel=1e-5)
 
 
-def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, tmp_path, trained):
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, translate_cfg,
+                                                                tmp_path, trained):
     run = tmp_path / "killed"
-    cfg = small_cfg(tiny_sd, run)
+    cfg = translate_cfg(run)
     cmd = [sys.executable, "-m", "dds.translate.train", "--out", str(run), "--model", str(tiny_sd),
            "--task", "circle:square", "--task", "circle:star", "--world-size", "40",
            "--resolution", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
@@ -206,11 +199,11 @@ def test_damaged_checkpoint_is_named_in_one_sentence(trained, tmp_path, capsys):
     assert len(msgs) == 1 and "step-0000004" in msgs[0] and "checksum" in msgs[0]
 
 
-def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(tiny_sd, trained):
+def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(translate_cfg, trained):
     with pytest.raises(DDSError, match="--resume latest"):
-        train(small_cfg(tiny_sd, trained))
+        train(translate_cfg(trained))
     with pytest.raises(DDSError, match="different lr"):
-        train(small_cfg(tiny_sd, trained, lr=1e-3, resume="latest"))
+        train(translate_cfg(trained, lr=1e-3, resume="latest"))
 
 
 # ---- inference ----------------------------------------------------------------------------

@@ -77,16 +77,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def translator(tiny_sd, tmp_path_factory):
+def translator(translate_cfg, tmp_path_factory):
     """A one-pass translation network trained for a few steps on the tiny model."""
-    from dds.translate.train import TrainConfig, train
+    from dds.translate.train import train
 
     out = tmp_path_factory.mktemp("ui-translator") / "run"
-    return train(TrainConfig(out=str(out), model=str(tiny_sd), tasks=("circle:square",
-                                                                     "circle:star"),
-                             world_size=40, resolution=16, steps=2, batch_size=2,
-                             checkpoint_every=2, val_every=2, val_images=2, log_every=1,
-                             device="cpu", quiet=True))
+    return train(translate_cfg(out, steps=2))
 
 
 @pytest.fixture(scope="module")
