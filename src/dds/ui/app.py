@@ -156,6 +156,9 @@ class _Run:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+STOPPING = "Stopping after the current step…"
+
+
 class _BadUpload:
     """What the page's image input hands over when Gradio itself could not read the upload."""
 
@@ -634,16 +637,24 @@ def build_app(model=None, *, session: EditSession | None = None,
                       [preview, progress, result, download, message, history, table, run_btn],
                       api_name="edit", show_progress="hidden")
 
-        def on_cancel(request: gr.Request):
+        # Cancel answers first and only then stops the edit (a chained event): had it stopped the
+        # edit and then answered, its "stopping" could reach the page after the edit's final
+        # message and stay there.
+        def on_cancel_note(request: gr.Request):
             key = getattr(request, "session_hash", None) or "default"
-            if not session.cancel(key):
-                return "No edit is running."
-            return "Stopping after the current step…"
+            return STOPPING if session.running(key) else "No edit is running."
 
+        def on_cancel(request: gr.Request):
+            session.cancel(getattr(request, "session_hash", None) or "default")
+
+        _hint(on_cancel_note, request=gr.Request)
         _hint(on_cancel, request=gr.Request)
         # Outside the edit queue's limit, so Cancel answers while an edit holds the model.
-        cancel_btn.click(on_cancel, None, [message], api_name="cancel", concurrency_limit=None,
-                         concurrency_id="cancel", show_progress="hidden")
+        cancel_btn.click(on_cancel_note, None, [message], api_name="cancel",
+                         concurrency_limit=None, concurrency_id="cancel",
+                         show_progress="hidden").then(
+            on_cancel, None, None, api_name=False, concurrency_limit=None,
+            concurrency_id="cancel", show_progress="hidden")
 
         if examples:
             def on_example(evt: gr.SelectData):
