@@ -640,20 +640,23 @@ def build_app(model=None, *, session: EditSession | None = None,
         # Cancel answers first and only then stops the edit (a chained event): had it stopped the
         # edit and then answered, its "stopping" could reach the page after the edit's final
         # message and stay there.
+        # (API clients call "cancel", which stops the edit.)
+        def page_key(request) -> str:
+            return getattr(request, "session_hash", None) or "default"
+
         def on_cancel_note(request: gr.Request):
-            key = getattr(request, "session_hash", None) or "default"
-            return STOPPING if session.running(key) else "No edit is running."
+            return STOPPING if session.running(page_key(request)) else "No edit is running."
 
         def on_cancel(request: gr.Request):
-            session.cancel(getattr(request, "session_hash", None) or "default")
+            session.cancel(page_key(request))
 
         _hint(on_cancel_note, request=gr.Request)
         _hint(on_cancel, request=gr.Request)
         # Outside the edit queue's limit, so Cancel answers while an edit holds the model.
-        cancel_btn.click(on_cancel_note, None, [message], api_name="cancel",
+        cancel_btn.click(on_cancel_note, None, [message], api_name=False,
                          concurrency_limit=None, concurrency_id="cancel",
                          show_progress="hidden").then(
-            on_cancel, None, None, api_name=False, concurrency_limit=None,
+            on_cancel, None, None, api_name="cancel", concurrency_limit=None,
             concurrency_id="cancel", show_progress="hidden")
 
         if examples:
