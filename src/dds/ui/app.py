@@ -618,8 +618,12 @@ def build_app(model=None, *, session: EditSession | None = None,
         outputs = {"preview": preview, "progress": progress, "result": result,
                    "download": download, "message": message}
 
+        def page_key(request) -> str:
+            """The page a request comes from: one edit at a time per page."""
+            return getattr(request, "session_hash", None) or "default"
+
         def on_edit(img, src, tgt, meth, g, n, rate, sd, sz, hist, request: gr.Request):
-            key = getattr(request, "session_hash", None) or "default"
+            key = page_key(request)
             for out in session.page_edit(img, src, tgt, meth, g, n, rate, sd, sz, hist, key=key):
                 if "error" in out:
                     gr.Warning(out["error"])
@@ -641,9 +645,6 @@ def build_app(model=None, *, session: EditSession | None = None,
         # edit and then answered, its "stopping" could reach the page after the edit's final
         # message and stay there.
         # (API clients call "cancel", which stops the edit.)
-        def page_key(request) -> str:
-            return getattr(request, "session_hash", None) or "default"
-
         def on_cancel_note(request: gr.Request):
             return STOPPING if session.running(page_key(request)) else "No edit is running."
 
