@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dds.builtin import BUILTIN_DIR
+from dds.errors import DDSError
 
 
 def test_folder_is_small_and_documented():
@@ -77,6 +78,32 @@ def test_dds_beats_sds_on_preservation():
     r = eval_editing(b, Judge.load(), edit_config(b), per_kind=8, batch_size=24, quiet=True)
     assert r["dds"]["all"]["psnr_out"] > r["sds"]["all"]["psnr_out"] + 1.0
     assert r["dds"]["all"]["psnr_gt"] > r["sds"]["all"]["psnr_gt"]
+
+
+def test_editing_eval_resumes_from_its_batches(tmp_path):
+    """Per-batch parts: a run resumed after losing a batch, and a run that finds every batch
+    done (no model needed), both give the uninterrupted run's numbers."""
+    from dds.api import edit_config, get_backend
+    from dds.eval.builtin_quality import eval_editing
+    from dds.world import Judge
+
+    b, judge = get_backend(None, device="cpu"), Judge.load()
+    cfg = edit_config(b).with_(steps=3)
+    plain = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True)
+    parts = tmp_path / "editing"
+    first = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
+    files = sorted((parts / "parts").glob("*-b-*.json"))
+    assert [f.stem for f in files] == ["dds-b-0", "dds-b-4", "sds-b-0", "sds-b-4"]
+    files[1].unlink()
+    resumed = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
+    cached = eval_editing(None, None, cfg, per_kind=2, batch_size=4, quiet=True,
+                          parts_dir=parts)
+    for r in (first, resumed, cached):
+        for method in ("dds", "sds"):
+            for kind, row in plain[method].items():
+                assert r[method][kind] == pytest.approx(row, rel=1e-6)
+    with pytest.raises(DDSError, match="other settings"):
+        eval_editing(None, None, cfg.with_(steps=4), per_kind=2, batch_size=4, parts_dir=parts)
 
 
 def test_defaults_rule_prefers_success_then_truth():

@@ -24,6 +24,7 @@ from dds.edit import EditConfig
 from dds.eval.metrics import psnr
 from dds.eval.world_edits import (
     HELD_OUT_SEED,
+    Prepared,
     decode01,
     held_out_edits,
     images_of,
@@ -113,15 +114,42 @@ def eval_vae(backend, n: int, seed: int = HELD_OUT_SEED) -> dict:
 
 
 def eval_editing(backend, judge, cfg: EditConfig, per_kind: int, batch_size: int = 50,
-                 seed: int = HELD_OUT_SEED, quiet: bool = False) -> dict:
+                 seed: int = HELD_OUT_SEED, quiet: bool = False,
+                 parts_dir: Path | None = None) -> dict:
+    """DDS and SDS on `per_kind` held-out edits of each kind, scored against the exact truth.
+
+    With `parts_dir`, each batch's per-edit metrics are kept in `parts_dir/parts/` as it
+    finishes, so an interrupted run resumes at the first missing batch (edit i is seeded
+    cfg.seed + i either way, so a resumed run gives the same numbers)."""
+    from dds.eval.experiments.common import Parts, unit_key
+
     edits = held_out_edits(per_kind, seed=seed)
-    prepared = prepare(backend, edits)
+    parts = None if parts_dir is None else Parts(parts_dir, {
+        "edit_config": json.loads(cfg.to_json()), "per_kind": per_kind, "seed": seed,
+        "batch_size": batch_size})
+    prepared = None
     out = {}
     for method in ("dds", "sds"):
         c = cfg.with_(method=method)
-        images = run_zero_shot(backend, edits, c, batch_size=batch_size, prepared=prepared,
-                               desc=f"{method.upper()} on {len(edits)} edits", quiet=quiet)
-        out[method] = summarise(score(images, edits, judge), edits)
+        chunks = []
+        for i in range(0, len(edits), batch_size):
+            sl = slice(i, i + batch_size)
+
+            def run(sl=sl, i=i):
+                nonlocal prepared
+                prepared = prepared or prepare(backend, edits)
+                p = Prepared(prepared.z_hat[sl], prepared.emb_source[sl],
+                             prepared.emb_target[sl])
+                images = run_zero_shot(
+                    backend, edits[sl], c.with_(seed=c.seed + i), batch_size=batch_size,
+                    prepared=p, quiet=quiet,
+                    desc=f"{method.upper()} edits {i + 1}-{i + len(edits[sl])} of {len(edits)}")
+                return score(images, edits[sl], judge)
+
+            m = run() if parts is None else parts.get(unit_key(method, "b", i), run)
+            chunks.append({k: np.asarray(v, dtype=float) for k, v in m.items()})
+        metrics = {k: np.concatenate([ch[k] for ch in chunks]) for k in chunks[0]}
+        out[method] = summarise(metrics, edits)
     return out
 
 
@@ -189,7 +217,8 @@ def run_quality(backend, judge, out_dir: Path, preset: QualityPreset = FULL,
         "generation_double": cached("generation_double", lambda: eval_generation(
             backend, judge, preset.gen_double, 2, preset.gen_steps, quiet=quiet)),
         "editing": cached("editing", lambda: eval_editing(
-            backend, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet)),
+            backend, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet,
+            parts_dir=parts / "editing")),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(quality_markdown(report))
