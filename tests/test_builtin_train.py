@@ -179,3 +179,41 @@ def test_object_weights_follow_the_object_masks():
         cells = cover.reshape(16, 4, 16, 4).mean(axis=(1, 3))
         assert np.allclose((w[k, 0].numpy() - 1) / 5, cells, atol=1e-6)
         assert float(w[k].max()) == pytest.approx(6.0, abs=1e-6)  # some cell inside an object
+
+
+def test_caption_labels_name_what_the_caption_says():
+    from dds.errors import DDSError
+    from dds.world import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, TEXTURES
+
+    assert list(T.caption_heads().values()) == [2, 5, 8, 6, 9, 6, 6]
+    got = T.caption_labels([
+        "a red circle on a blue striped background",
+        "a photo of a green star and a yellow square on a white checkered background",
+        "a purple triangle on a yellow background",
+    ]).tolist()
+    assert got[0] == [0, SHAPES.index("circle"), COLOR_NAMES.index("red"), 5, 8,
+                      BACKGROUND_NAMES.index("blue"), TEXTURES.index("stripes")]
+    assert got[1] == [1, SHAPES.index("star"), COLOR_NAMES.index("green"),
+                      SHAPES.index("square"), COLOR_NAMES.index("yellow"),
+                      BACKGROUND_NAMES.index("white"), TEXTURES.index("checks")]
+    assert got[2][5:] == [BACKGROUND_NAMES.index("yellow"), 5]  # texture not named
+    with pytest.raises(DDSError, match="templates"):
+        T.caption_labels(["a cat on a mat"])
+
+
+def test_pretrained_text_encoder_is_kept_frozen_through_the_unet_stage(tmp_path):
+    cfg = C.with_overrides(tiny_cfg(), text_pretrain_steps=3, text_lr=0.0, judge_every=0)
+    r = T.train_builtin(cfg, tmp_path / "run", tmp_path / "model", progress=False)
+    assert r["finished"] and r["text"]["steps"] == 3
+    stage0 = torch.load(tmp_path / "run" / "text.pt", weights_only=False)["text_encoder"]
+    fresh = C.build_text_encoder(cfg.text).state_dict()
+    w = _weights(tmp_path / "run")
+    exported = w["text_encoder"]
+    changed = [k for k in stage0 if not torch.equal(stage0[k], fresh[k])]
+    assert "embeddings.token_embedding.weight" in changed  # stage 0 trained it
+    for k, v in stage0.items():
+        assert torch.equal(exported[k], v), k  # and the UNet stage left it alone
+        assert torch.allclose(w["ema_text"][k], v, atol=1e-6), k
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        stages = [row["stage"] for row in csv.DictReader(f)]
+    assert stages == ["text"] * 3 + ["vae"] * 4 + ["unet"] * 4

@@ -82,7 +82,12 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
-    # Stage 2: UNet + text encoder.
+    # Stage 0 (optional): the text encoder first learns to name every attribute of a caption
+    # (linear heads on its token states; 0 steps: no stage 0, the encoder starts random).
+    text_pretrain_steps: int = 0
+    text_pretrain_batch: int = 128
+    text_pretrain_lr: float = 1e-3
+    # Stage 2: UNet + text encoder (text_lr 0: the text encoder stays frozen, as in SD).
     unet_steps: int = 3000
     batch_size: int = 48
     unet_lr: float = 1.5e-3

@@ -2,11 +2,15 @@
 
 One seeded, resumable command trains the whole model on the procedural world (``dds.world``):
 
+* stage 0 ("text", optional, ``text_pretrain_steps``): the ``CLIPTextModel`` learns, through
+  linear heads on its token states that are then thrown away, to name every attribute a caption
+  mentions (object count, shapes, colours, background, texture), so that every word the UNet
+  must obey reaches it distinctly; with ``text_lr`` 0 the encoder then stays frozen, as in SD;
 * stage 1 ("vae"): an ``AutoencoderKL`` 64x64x3 -> 16x16x4, reconstruction loss (L1 + MSE on
   [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
   latents of training scenes (Stable Diffusion's 0.18215 plays the same role);
-* stage 2 ("unet"): a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly from
-  scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule, the VAE frozen,
+* stage 2 ("unet"): a ``UNet2DConditionModel`` (and the ``CLIPTextModel``, unless frozen)
+  trained from scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule, the VAE frozen,
   captions replaced by "" 10% of the time (classifier-free guidance), EMA weights exported.
 
 Every random draw of a step comes from a generator seeded by (seed, stage, step) and scenes are
@@ -48,7 +52,8 @@ from dds.errors import DDSError
 from dds.eval.metrics import psnr
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
-STAGE_IDS = {"vae": 1, "unet": 2, "scale": 3, "eval": 4}
+# Ids seed each stage's random streams; the order is the order of the stages (log truncation).
+STAGE_IDS = {"text": 5, "vae": 1, "unet": 2, "scale": 3, "eval": 4}
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
 JUDGE_FIELDS = ["stage", "step", "all_attributes", "objects", "object_shape", "object_color",
                 "background", "texture", "seconds"]
@@ -246,6 +251,123 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
     """Exactly what ``StableDiffusionPipeline.encode_prompt`` computes (no attention mask)."""
     return text_encoder(tokenize(tokenizer, captions))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 0 (optional): the text encoder learns to say what a caption names
+# --------------------------------------------------------------------------------------------
+
+
+def caption_heads() -> dict[str, int]:
+    """Classes per attribute a caption can name (slot 1 and the texture add 'none')."""
+    from dds.world import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, TEXTURES
+
+    return {"n_objects": 2, "shape0": len(SHAPES), "color0": len(COLOR_NAMES),
+            "shape1": len(SHAPES) + 1, "color1": len(COLOR_NAMES) + 1,
+            "background": len(BACKGROUND_NAMES), "texture": len(TEXTURES) + 1}
+
+
+def caption_labels(captions: list[str]) -> torch.Tensor:
+    """(B, len(caption_heads())) class indices of what each caption names ('none' = last)."""
+    from dds.world import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, TEXTURES, parse_caption
+
+    rows = []
+    for text in captions:
+        p = parse_caption(text)
+        if p is None:
+            raise DDSError(f"caption {text!r} matches none of the world's templates")
+        objs = p["objects"]
+        second = objs[1] if len(objs) > 1 else None
+        rows.append([
+            len(objs) - 1,
+            SHAPES.index(objs[0]["shape"]),
+            COLOR_NAMES.index(objs[0]["color"]),
+            SHAPES.index(second["shape"]) if second else len(SHAPES),
+            COLOR_NAMES.index(second["color"]) if second else len(COLOR_NAMES),
+            BACKGROUND_NAMES.index(p["background"]),
+            TEXTURES.index(p["texture"]) if p["texture"] else len(TEXTURES),
+        ])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def captions_at(cfg: C.TrainConfig, stage: str, step: int, batch_size: int) -> list[str]:
+    """Captions of scenes step*B .. step*B+B-1 of the stage's stream (drawn, not rendered)."""
+    from dds.world import caption, sample_scene
+
+    seed = data_seed(cfg.seed, stage)
+    return [caption(sample_scene(np.random.default_rng([seed, step * batch_size + j])))
+            for j in range(batch_size)]
+
+
+def text_pretrain_loss(text_encoder, heads: torch.nn.Linear, tokenizer,
+                       captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every named attribute, read linearly from the mean over the 77 token
+    states that the UNet's cross-attention sees; returns (loss, per-caption all-correct)."""
+    states = encode_text(text_encoder, tokenizer, captions).mean(dim=1)
+    logits = heads(states)
+    labels = caption_labels(captions)
+    loss, correct, start = 0.0, torch.ones(len(captions), dtype=torch.bool), 0
+    for j, n in enumerate(caption_heads().values()):
+        part = logits[:, start:start + n]
+        loss = loss + F.cross_entropy(part, labels[:, j])
+        correct &= part.argmax(dim=1) == labels[:, j]
+        start += n
+    return loss, correct
+
+
+def train_text(cfg: C.TrainConfig, run_dir: Path, tokenizer, resume: bool, progress: bool):
+    """Stage 0: the text encoder learns to name every attribute of the captions (a minute).
+
+    Trained jointly with the UNet from scratch, the encoder gave captions that differ only in
+    the shape word states 13 times closer than captions that differ only in a colour word, and
+    the UNet never learned shape words; this stage makes every named attribute linearly
+    readable before the UNet starts. Returns (text_encoder, info), or (None, {}) when off."""
+    if cfg.text_pretrain_steps <= 0:
+        return None, {}
+    path = run_dir / "text.pt"
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = C.build_text_encoder(cfg.text)
+    if resume and path.exists():
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        text_encoder.load_state_dict(ck["text_encoder"])
+        return text_encoder, ck["info"]
+    heads = torch.nn.Linear(cfg.text.hidden_size, sum(caption_heads().values()))
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, weight_decay=0.0)
+    log = CsvLog(run_dir / "log.csv")
+    log.truncate_after("text", -1)
+    bar = _progress(cfg.text_pretrain_steps, 0, "text", progress)
+    seconds, acc, n_acc = 0.0, 0.0, 0
+    for step in range(1, cfg.text_pretrain_steps + 1):
+        t0 = time.perf_counter()
+        lr_scale = lr_at(step - 1, cfg.text_pretrain_steps, 1.0, min(100, step))
+        for g in opt.param_groups:
+            g["lr"] = cfg.text_pretrain_lr * lr_scale
+        loss, _ = text_pretrain_loss(text_encoder, heads, tokenizer,
+                                     captions_at(cfg, "text", step, cfg.text_pretrain_batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        seconds += time.perf_counter() - t0
+        acc, n_acc = acc + loss.item(), n_acc + 1
+        if step % cfg.log_every == 0 or step == cfg.text_pretrain_steps:
+            log.write("text", step, acc / n_acc, cfg.text_pretrain_lr * lr_scale, seconds)
+            if bar:
+                bar.set_postfix(loss=f"{acc / n_acc:.4f}")
+            acc, n_acc = 0.0, 0
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    with torch.no_grad():
+        held_out = captions_at(cfg, "eval", 0, 512)
+        _, correct = text_pretrain_loss(text_encoder.eval(), heads, tokenizer, held_out)
+    info = {"steps": cfg.text_pretrain_steps, "seconds": round(seconds, 1),
+            "heldout_all_attributes": float(correct.float().mean())}
+    atomic_torch_save({"stage": "text", "config": cfg.to_dict(),
+                       "text_encoder": text_encoder.state_dict(), "info": info}, path)
+    return text_encoder, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,24 +597,29 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
 
 
 def train_unet(
-    cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list
+    cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list,
+    pretrained_text=None,
 ):
-    """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early."""
+    """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early.
+
+    `pretrained_text`: stage 0's encoder to start from (else a fresh one); with text_lr 0 it
+    stays frozen."""
     ckpt_path = run_dir / "unet.pt"
     log = CsvLog(run_dir / "log.csv")
     judged = CsvLog(run_dir / "eval.csv", JUDGE_FIELDS)
     torch.manual_seed(cfg.seed + 1)
     text_encoder = C.build_text_encoder(cfg.text)
     unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
+    if pretrained_text is not None:
+        text_encoder.load_state_dict(pretrained_text.state_dict())
+    text_frozen = cfg.text_lr == 0
+    text_encoder.requires_grad_(not text_frozen)
     modules = {"unet": unet, "text_encoder": text_encoder}
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "base_lr": cfg.unet_lr},
-            {"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr},
-        ],
-        lr=cfg.unet_lr,
-        weight_decay=cfg.weight_decay,
-    )
+    groups = [{"params": list(unet.parameters()), "base_lr": cfg.unet_lr}]
+    if not text_frozen:
+        groups.append({"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr})
+    trained = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
     ema = EMA(modules, cfg.ema_decay)
     step, seconds, ema_updates = 0, 0.0, 0
     if resume and ckpt_path.exists():
@@ -555,7 +682,7 @@ def train_unet(
     sf = float(vae.config.scaling_factor)
     bar = _progress(cfg.unet_steps, step, "unet", progress)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(not text_frozen)
     acc, n_acc = 0.0, 0
     while step < cfg.unet_steps:
         if budget[0] is not None and budget[0] <= 0:
@@ -579,16 +706,15 @@ def train_unet(
             noise = noise + cfg.offset_noise * torch.randn(
                 (bs, lat.shape[1], 1, 1), generator=g_step)
         noisy = noise_sched.add_noise(lat, noise, ts)
-        ctx = encode_text(text_encoder, tokenizer, caps)
+        with torch.set_grad_enabled(not text_frozen):
+            ctx = encode_text(text_encoder, tokenizer, caps)
         pred = unet(noisy, ts, ctx).sample
         w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1], cfg.object_loss_weight)
              if cfg.object_loss_weight else None)
         loss = weighted_mse(pred, noise, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            list(unet.parameters()) + list(text_encoder.parameters()), cfg.grad_clip
-        )
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         step += 1
         if step >= cfg.ema_start:
@@ -740,7 +866,7 @@ def train_builtin(
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT
     if not resume:
-        for name in ("vae.pt", "unet.pt", "log.csv"):
+        for name in ("text.pt", "vae.pt", "unet.pt", "log.csv"):
             if (run_dir / name).exists():
                 (run_dir / name).unlink()
     _check_config(run_dir, cfg, resume)
@@ -767,11 +893,12 @@ def _train_builtin(
     budget = [stop_after]
     t_start = time.time()
 
+    pretrained_text, text_info = train_text(cfg, run_dir, tokenizer, resume, progress)
     vae, vae_info = train_vae(cfg, run_dir, resume, progress, budget)
     if vae is None:
         return {"finished": False, "stage": "vae"}
     unet, text_encoder, unet_info = train_unet(
-        cfg, run_dir, vae, tokenizer, resume, progress, budget
+        cfg, run_dir, vae, tokenizer, resume, progress, budget, pretrained_text
     )
     if unet is None:
         return {"finished": False, "stage": "unet"}
@@ -780,6 +907,7 @@ def _train_builtin(
         "command": command or "python -m dds.builtin.train",
         "seed": cfg.seed,
         "config": cfg.to_dict(),
+        **({"text": text_info} if text_info else {}),
         "vae": vae_info,
         "unet": unet_info,
         "params": {
@@ -834,6 +962,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the per-channel constant added to the UNet's training noise")
     p.add_argument("--object-loss-weight", type=float, default=None,
                    help="extra loss weight of the latent cells objects cover (0: plain mean)")
+    p.add_argument("--text-pretrain-steps", type=int, default=None,
+                   help="steps of stage 0, where the text encoder learns to name each caption's "
+                   "attributes before the UNet starts (0: none)")
+    p.add_argument("--text-lr", type=float, default=None,
+                   help="the text encoder's learning rate in the UNet stage (0: frozen)")
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
@@ -856,6 +989,8 @@ def main(argv: list[str] | None = None) -> int:
         offset_noise=args.offset_noise,
         judge_every=args.judge_every,
         object_loss_weight=args.object_loss_weight,
+        text_pretrain_steps=args.text_pretrain_steps,
+        text_lr=args.text_lr,
     )
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
