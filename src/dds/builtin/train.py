@@ -10,8 +10,8 @@ One seeded, resumable command trains the whole model on the procedural world (``
   [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
   latents of training scenes (Stable Diffusion's 0.18215 plays the same role);
 * stage 2 ("unet"): a ``UNet2DConditionModel`` (and the ``CLIPTextModel``, unless frozen)
-  trained from scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule, the VAE frozen,
-  captions replaced by "" 10% of the time (classifier-free guidance), EMA weights exported.
+  trained from scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule,
+  the VAE frozen, captions replaced by "" 10% of the time (classifier-free guidance), EMA weights exported.
 
 Every random draw of a step comes from a generator seeded by (seed, stage, step) and scenes are
 drawn by index from ``SceneDataset``, so a killed run resumes exactly where its last checkpoint

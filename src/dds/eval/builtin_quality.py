@@ -135,7 +135,7 @@ def eval_editing(backend, judge, cfg: EditConfig, per_kind: int, batch_size: int
         for i in range(0, len(edits), batch_size):
             sl = slice(i, i + batch_size)
 
-            def run(sl=sl, i=i):
+            def run(sl=sl, i=i, c=c, method=method):
                 nonlocal prepared
                 prepared = prepared or prepare(backend, edits)
                 p = Prepared(prepared.z_hat[sl], prepared.emb_source[sl],
