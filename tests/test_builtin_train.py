@@ -217,3 +217,21 @@ def test_pretrained_text_encoder_is_kept_frozen_through_the_unet_stage(tmp_path)
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         stages = [row["stage"] for row in csv.DictReader(f)]
     assert stages == ["text"] * 3 + ["vae"] * 4 + ["unet"] * 4
+
+
+def test_vae_loss_weights_object_pixels():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    vae = C.build_vae(cfg.vae)
+    x01 = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    plain, rec = T.vae_loss(vae, x01, 0.0, torch.Generator().manual_seed(2))
+    flat, _ = T.vae_loss(vae, x01, 0.0, torch.Generator().manual_seed(2),
+                         torch.full((2, 1, 64, 64), 4.0))
+    assert torch.allclose(plain, flat)
+    w = torch.ones(2, 1, 64, 64)
+    w[:, :, :16] = 6.0  # the top quarter of each image weighs six times the rest
+    weighted, _ = T.vae_loss(vae, x01, 0.0, torch.Generator().manual_seed(2), w)
+    err = rec - (2 * x01 - 1)
+    per_pixel = (err.abs() + err.square()).mean(dim=1)
+    want = (6 * per_pixel[:, :16].sum() + per_pixel[:, 16:].sum()) / (6 * 16 + 48) / 64 / 2
+    assert torch.allclose(weighted, want, rtol=1e-5)

@@ -82,6 +82,10 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
+    # Weight of object pixels in the autoencoder's loss: a pixel weighs 1 + this * (objects'
+    # coverage of it). Objects fill about a tenth of a scene, and under the plain mean the
+    # decoder rounds small stars and crosses into blobs (0: the plain mean, as shipped).
+    vae_object_loss_weight: float = 0.0
     # Stage 0 (optional): the text encoder first learns to name every attribute of a caption
     # (linear heads on its token states; 0 steps: no stage 0, the encoder starts random).
     text_pretrain_steps: int = 0

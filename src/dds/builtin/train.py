@@ -375,12 +375,14 @@ def train_text(cfg: C.TrainConfig, run_dir: Path, tokenizer, resume: bool, progr
 # --------------------------------------------------------------------------------------------
 
 
-def vae_loss(vae, x01: torch.Tensor, kl_weight: float, generator: torch.Generator):
+def vae_loss(vae, x01: torch.Tensor, kl_weight: float, generator: torch.Generator,
+             w: torch.Tensor | None = None):
+    """L1 + MSE on [-1, 1] images (each weighted by ``w``, (B,1,H,W), when given) + KL."""
     x = to_pm1(x01)
     post = vae.encode(x).latent_dist
     z = post.sample(generator=generator)
     rec = vae.decode(z).sample
-    rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    rec_loss = weighted_mean((rec - x).abs(), w) + weighted_mean((rec - x).square(), w)
     kl = post.kl().mean() / float(z[0].numel())
     return rec_loss + kl_weight * kl, rec
 
@@ -399,6 +401,22 @@ def vae_latent_std(vae, cfg: C.TrainConfig, n: int = 512, bs: int = 64) -> float
         b = batch_at(cfg, "scale", k, bs)
         zs.append(vae.encode(to_pm1(b["image"])).latent_dist.mean)
     return float(torch.cat(zs)[:n].std())
+
+
+@torch.no_grad()
+def vae_eval_judge(vae, cfg: C.TrainConfig, n: int = 256, bs: int = 64) -> dict[str, float]:
+    """The judge's accuracy per attribute on reconstructions of ``n`` held-out scenes: what the
+    autoencoder lets through (a UNet cannot draw a shape that its decoder cannot show)."""
+    from dds.world import Judge
+
+    judge = Judge.load()
+    scenes, recs = [], []
+    for k in range(math.ceil(n / bs)):
+        b = batch_at(cfg, "eval", k, bs)
+        scenes += b["scene"]
+        recs.append(vae_reconstruct(vae, b["image"]))
+    acc = judge.attribute_accuracy(torch.cat(recs)[:n], scenes[:n])
+    return {k: round(float(v), 4) for k, v in acc.items() if np.isfinite(v)}
 
 
 @torch.no_grad()
@@ -463,8 +481,10 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
         for g in opt.param_groups:
             g["lr"] = lr
         batch = batch_at(cfg, "vae", step, cfg.vae_batch_size)
+        w = (object_weights(batch["scene"], cfg.image_size, cfg.image_size,
+                            cfg.vae_object_loss_weight) if cfg.vae_object_loss_weight else None)
         loss, _ = vae_loss(
-            vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step)
+            vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step), w
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,6 +519,7 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
         "latent_std": std,
         "scaling_factor": 1.0 / std,
         "heldout_psnr_db": vae_eval_psnr(vae, cfg, n=cfg.eval_images),
+        "heldout_judge": vae_eval_judge(vae, cfg, n=cfg.eval_images),
     }
     vae.register_to_config(scaling_factor=info["scaling_factor"])
     save(done=True)
@@ -519,12 +540,17 @@ def object_weights(scenes, image_size: int, latent_size: int, weight: float) -> 
     return 1.0 + weight * cells
 
 
+def weighted_mean(err: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """sum(w * err) / sum(w) over every element (w broadcast); the plain mean for None."""
+    if w is None:
+        return err.mean()
+    w = w.expand_as(err)
+    return (w * err).sum() / w.sum()
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """mean(w * (pred - target)^2) / mean(w) over every element (w broadcast); plain MSE for None."""
-    if w is None:
-        return F.mse_loss(pred, target)
-    w = w.expand_as(pred)
-    return (w * (pred - target).square()).sum() / w.sum()
+    return weighted_mean((pred - target).square(), w)
 
 
 def make_noise_scheduler():
@@ -967,6 +993,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "attributes before the UNet starts (0: none)")
     p.add_argument("--text-lr", type=float, default=None,
                    help="the text encoder's learning rate in the UNet stage (0: frozen)")
+    p.add_argument("--vae-object-loss-weight", type=float, default=None,
+                   help="extra weight of object pixels in the autoencoder's loss (0: plain)")
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
@@ -991,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
         object_loss_weight=args.object_loss_weight,
         text_pretrain_steps=args.text_pretrain_steps,
         text_lr=args.text_lr,
+        vae_object_loss_weight=args.vae_object_loss_weight,
     )
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
