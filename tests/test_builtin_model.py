@@ -54,6 +54,22 @@ def test_vae_reconstructs_world_scenes():
     assert r["psnr_mean"] > 26.0
 
 
+def test_vae_judge_reading_matches_a_recount():
+    from dds.api import get_backend
+    from dds.eval.builtin_quality import eval_vae
+    from dds.eval.world_edits import decode01, images_of
+    from dds.world import Judge, sample_scene
+
+    b, judge = get_backend(None, device="cpu"), Judge.load()
+    r = eval_vae(b, 32, seed=5, judge=judge)["judge_on_reconstructions"]
+    rng = np.random.default_rng([5, 2])
+    scenes = [sample_scene(rng) for _ in range(32)]
+    read = judge.predict(decode01(b, b.encode(images_of(scenes) * 2 - 1)))
+    shape_right = [p["objects"][0]["shape"] == s.objects[0].shape for p, s in zip(read, scenes, strict=True)]
+    assert r["obj0_shape"] == pytest.approx(np.mean(shape_right))
+    assert r["obj0_color"] >= 0.9 and r["background"] == 1.0
+
+
 def test_demo_end_to_end(tmp_path):
     from dds.cli import main
 
