@@ -235,3 +235,12 @@ def test_vae_loss_weights_object_pixels():
     per_pixel = (err.abs() + err.square()).mean(dim=1)
     want = (6 * per_pixel[:, :16].sum() + per_pixel[:, 16:].sum()) / (6 * 16 + 48) / 64 / 2
     assert torch.allclose(weighted, want, rtol=1e-5)
+
+
+def test_log_drops_one_stage_and_keeps_the_others(tmp_path):
+    log = T.CsvLog(tmp_path / "log.csv")
+    for stage, step in [("vae", 1), ("vae", 2), ("unet", 1), ("text", 1)]:
+        log.write(stage, step, 0.5, 1e-3, 1.0)
+    log.drop_stage("text")
+    assert [(r["stage"], r["step"]) for r in log.rows()] == [("vae", "1"), ("vae", "2"),
+                                                             ("unet", "1")]

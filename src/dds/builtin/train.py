@@ -158,6 +158,11 @@ class CsvLog:
                 keep.append(r)
         self._write_all(keep)
 
+    def drop_stage(self, stage: str) -> None:
+        """Remove one stage's rows and keep the others (a stage redone from its start)."""
+        if self.path.exists():
+            self._write_all([r for r in self.rows() if r["stage"] != stage])
+
     def _write_all(self, rows: list[dict]) -> None:
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
@@ -335,7 +340,7 @@ def train_text(cfg: C.TrainConfig, run_dir: Path, tokenizer, resume: bool, progr
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, weight_decay=0.0)
     log = CsvLog(run_dir / "log.csv")
-    log.truncate_after("text", -1)
+    log.drop_stage("text")
     bar = _progress(cfg.text_pretrain_steps, 0, "text", progress)
     seconds, acc, n_acc = 0.0, 0.0, 0
     for step in range(1, cfg.text_pretrain_steps + 1):
