@@ -39,8 +39,8 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
     assert (run_dir / "vae.pt").is_file() and (run_dir / "unet.pt").is_file()
     with open(run_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["stage"] for r in rows] == ["vae"] * 4 + ["unet"] * 4
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] * 2
+    assert [r["stage"] for r in rows] == ["text"] * 2 + ["vae"] * 4 + ["unet"] * 4
+    assert [int(r["step"]) for r in rows] == [1, 2] + [1, 2, 3, 4] * 2
     assert any(p.name.startswith("vae_") for p in (run_dir / "samples").glob("*.png"))
     assert any(p.name.startswith("unet_") for p in (run_dir / "samples").glob("*.png"))
 
@@ -114,7 +114,7 @@ def test_killed_runs_resume_to_identical_weights(full_run, tmp_path):
     run_dir, _, _ = full_run
     cfg = tiny_cfg()
     run2 = tmp_path / "run"
-    # killed in the VAE stage (after step 3, last checkpoint at step 2) ...
+    # killed in the VAE stage (stage 0 done; after VAE step 3, last checkpoint at step 2) ...
     r = T.train_builtin(cfg, run2, tmp_path / "m", progress=False, stop_after=3)
     assert not r["finished"] and r["stage"] == "vae"
     # ... and again in the UNet stage (after step 2, checkpoint at step 2) ...
@@ -131,7 +131,7 @@ def test_killed_runs_resume_to_identical_weights(full_run, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     with open(run2 / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] * 2
+    assert [int(r["step"]) for r in rows] == [1, 2] + [1, 2, 3, 4] * 2
     with open(run2 / "eval.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
 
