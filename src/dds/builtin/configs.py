@@ -88,7 +88,7 @@ class TrainConfig:
     # releases were trained; 5 raised the shapes the judge reads on reconstructions from 70% to
     # 78%, docs/builtin-model.md).
     vae_object_loss_weight: float = 5.0
-    # Stage 0 (optional): the text encoder first learns to name every attribute of a caption
+    # Stage 0: the text encoder first learns to name every attribute of a caption
     # (linear heads on its token states; 0 steps: no stage 0, the encoder starts random and
     # learns with the UNet, where it all but dropped the shape words).
     text_pretrain_steps: int = 400
