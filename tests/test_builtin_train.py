@@ -219,6 +219,25 @@ def test_pretrained_text_encoder_is_kept_frozen_through_the_unet_stage(tmp_path)
     assert stages == ["text"] * 3 + ["vae"] * 4 + ["unet"] * 4
 
 
+def test_second_release_recipe_trains_the_text_encoder_with_the_unet(tmp_path):
+    """Without stage 0 (the second release's recipe, no longer the default) the encoder starts
+    fresh; with text_lr > 0 the UNet stage moves it, with text_lr 0 it leaves the same seeded
+    start untouched."""
+    words = "embeddings.token_embedding.weight"
+    enc = {}
+    for lr in (0.0, 1.5e-3):
+        cfg = C.with_overrides(tiny_cfg(), text_pretrain_steps=0, text_lr=lr, judge_every=0)
+        run = tmp_path / f"run-{lr}"
+        assert T.train_builtin(cfg, run, tmp_path / f"model-{lr}", progress=False)["finished"]
+        assert not (run / "text.pt").exists()
+        enc[lr] = _weights(run)["text_encoder"][words]
+        with open(run / "log.csv", newline="") as f:
+            assert [row["stage"] for row in csv.DictReader(f)] == ["vae"] * 4 + ["unet"] * 4
+    moved = (enc[1.5e-3] - enc[0.0]).abs().amax(dim=1)
+    # the rows of the words in captions move; the others only feel weight decay
+    assert moved.max() > 100 * moved.median() > 0
+
+
 def test_vae_loss_weights_object_pixels():
     cfg = tiny_cfg()
     torch.manual_seed(0)

@@ -889,8 +889,9 @@ def train_builtin(
 ) -> dict:
     """Train (or resume) the built-in model and export it to ``out_dir``.
 
-    ``stop_after`` stops after that many optimisation steps in this call (as if the run had
-    been killed after its last checkpoint); the return value then has ``"finished": False``.
+    ``stop_after`` stops after that many autoencoder and UNet optimisation steps in this call
+    (as if the run had been killed after its last checkpoint; stage 0, a few minutes, always
+    runs to its end); the return value then has ``"finished": False``.
     """
 
     run_dir = Path(run_dir)
