@@ -5,7 +5,7 @@
              cat([z_t] * 2) and embeddings [uncond, uncond, source, target], the surrogate
              loss (z_target * grad).sum() / (h * w), (2000 * loss).backward(), SGD lr 0.1)
   default    `dds.edit.edit_latents` with the backend's default precision (fp16 on CUDA, fp32 on
-             CPU, as `StableDiffusionBackend(dtype="auto")` chooses)
+             CPU, as `StableDiffusionModel(dtype="auto")` chooses)
   fast       `dds.fast.FastEditor` with its defaults (or the --precision/--compile/--cuda-graphs
              given here)
 
@@ -113,9 +113,9 @@ def random_unet_model(name: str, unet_kwargs: dict, vae_factor: int, seed: int =
 
 
 def folder_model(name: str, path) -> Model:
-    from dds.api import get_backend
+    from dds.pipeline import get_model
 
-    b = get_backend(path, dtype="fp32", device="cpu")
+    b = get_model(path, dtype="fp32", device="cpu")
     emb_s, emb_t = b.encode_prompt(list(PROMPTS)).float().split(1)
     return Model(
         name,
@@ -124,7 +124,7 @@ def folder_model(name: str, path) -> Model:
         b.prediction_type,
         b.vae_scale_factor,
         b.native_size,
-        b.uncond_embedding().float().cpu(),
+        b.uncond().float().cpu(),
         emb_s,
         emb_t,
     )
@@ -174,12 +174,12 @@ def load_model(spec: str, device: torch.device) -> Model:
 
 
 def make_backend(model: Model, device: torch.device, dtype: torch.dtype):
-    """A `StableDiffusionBackend` around a device copy of the UNet in `dtype` (no VAE or text
+    """A `StableDiffusionModel` around a device copy of the UNet in `dtype` (no VAE or text
     encoder: the prompts are already encoded), so `edit_latents` runs its real code."""
-    from dds.backends import StableDiffusionBackend
-    from dds.unet_trace import unet_call_for
+    from dds.models import StableDiffusionModel
+    from dds.models.trace import unet_call_for
 
-    b = StableDiffusionBackend.__new__(StableDiffusionBackend)
+    b = StableDiffusionModel.__new__(StableDiffusionModel)
     b._unet_call = unet_call_for(device)
     b.unet = copy.deepcopy(model.unet).to(device, dtype).eval().requires_grad_(False)
     b.device, b.dtype = device, dtype
@@ -380,7 +380,7 @@ def _flag(v: str):
 
 
 def main(argv=None) -> dict:
-    from dds.edit import EditConfig, edit_latents
+    from dds.loop import EditConfig, edit_latents
     from dds.fast import PRECISIONS, FastEditor
 
     a = parse_args(argv)
@@ -404,7 +404,7 @@ def main(argv=None) -> dict:
     # Same-edit settings for every path: the recipe's numbers at this latent size.
     cfg = EditConfig(steps=a.steps, seed=a.seed, reference_area=h * w)
     ref_autocast = torch.float16 if on_cuda else None
-    default_dtype = torch.float16 if on_cuda else torch.float32  # StableDiffusionBackend "auto"
+    default_dtype = torch.float16 if on_cuda else torch.float32  # StableDiffusionModel "auto"
 
     g = torch.Generator().manual_seed(a.seed + 12345)
     z_all = torch.randn(a.batch, *shape, generator=g)  # (N,4,h,w) source latents

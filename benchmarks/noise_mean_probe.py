@@ -35,13 +35,13 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args()
 
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval.world_edits import decode01
     from dds.sampling import ddim_sample, ddim_timesteps
     from dds.world.judge import Judge, render_scenes
     from dds.world.scene import caption, sample_scene
 
-    backend, judge = get_backend(args.model), Judge.load()
+    backend, judge = get_model(args.model), Judge.load()
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, n_objects=1) for _ in range(args.n)]
     emb = backend.encode_prompt([caption(s) for s in scenes])

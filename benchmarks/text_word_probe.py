@@ -47,11 +47,11 @@ def main() -> None:
                    help="model folder (repeatable; default: the built-in model)")
     args = p.parse_args()
 
-    from dds.api import get_backend
+    from dds.pipeline import get_model
 
     print(f"{'model':<40} {'shape':>8} {'colour':>8} {'background':>10} {'shape/colour':>12}")
     for model in args.model or [None]:
-        d = word_distances(get_backend(model, device="cpu"))
+        d = word_distances(get_model(model, device="cpu"))
         print(f"{model or 'built-in':<40} {d['shape']:8.1f} {d['color']:8.1f} "
               f"{d['background']:10.1f} {d['shape'] / d['color']:12.3f}")
 

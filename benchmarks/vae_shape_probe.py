@@ -26,11 +26,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
 
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval.world_edits import decode01, images_of
     from dds.world import SHAPES, Judge, sample_scene
 
-    backend, judge = get_backend(args.model, device="cpu"), Judge.load()
+    backend, judge = get_model(args.model, device="cpu"), Judge.load()
     rng = np.random.default_rng([args.seed, 2])
     scenes = [sample_scene(rng, n_objects=1) for _ in range(args.n)]
     x = images_of(scenes)

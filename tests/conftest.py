@@ -64,9 +64,9 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_sd):
-    from dds.backends import StableDiffusionBackend
+    from dds.models import StableDiffusionModel
 
-    return StableDiffusionBackend(tiny_sd, dtype="fp32", device="cpu")
+    return StableDiffusionModel(tiny_sd, dtype="fp32", device="cpu")
 
 
 @pytest.fixture(scope="session")

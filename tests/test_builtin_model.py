@@ -23,9 +23,9 @@ def test_folder_is_small_and_documented():
 
 
 def test_loads_through_backend():
-    from dds.backends import StableDiffusionBackend
+    from dds.models import StableDiffusionModel
 
-    b = StableDiffusionBackend(BUILTIN_DIR, device="cpu")
+    b = StableDiffusionModel(BUILTIN_DIR, device="cpu")
     assert b.native_size == 64 and b.vae_scale_factor == 4
     assert b.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     x = torch.zeros(1, 3, 64, 64)
@@ -47,20 +47,20 @@ def test_stock_pipelines_load_and_run():
 
 
 def test_vae_reconstructs_world_scenes():
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval.builtin_quality import eval_vae
 
-    r = eval_vae(get_backend(None, device="cpu"), 32)
+    r = eval_vae(get_model(None, device="cpu"), 32)
     assert r["psnr_mean"] > 26.0
 
 
 def test_vae_judge_reading_matches_a_recount():
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval.builtin_quality import eval_vae
     from dds.eval.world_edits import decode01, images_of
     from dds.world import Judge, sample_scene
 
-    b, judge = get_backend(None, device="cpu"), Judge.load()
+    b, judge = get_model(None, device="cpu"), Judge.load()
     r = eval_vae(b, 32, seed=5, judge=judge)["judge_on_reconstructions"]
     rng = np.random.default_rng([5, 2])
     scenes = [sample_scene(rng) for _ in range(32)]
@@ -89,11 +89,11 @@ def test_dds_beats_sds_on_preservation():
     ends nearer the exact truth than SDS (the paper's failure of SDS).  Background edits are left
     out: their "outside" region is the objects, and on this model SDS keeps those better
     (docs/builtin-model.md)."""
-    from dds.api import edit_config, get_backend
+    from dds.pipeline import edit_config, get_model
     from dds.eval.builtin_quality import eval_editing
     from dds.world import Judge
 
-    b = get_backend(None, device="cpu")
+    b = get_model(None, device="cpu")
     r = eval_editing(b, Judge.load(), edit_config(b), per_kind=8, batch_size=24, quiet=True)
     for kind in ("object_color", "object_shape"):
         dds, sds = r["dds"][kind], r["sds"][kind]
@@ -104,11 +104,11 @@ def test_dds_beats_sds_on_preservation():
 def test_editing_eval_resumes_from_its_batches(tmp_path):
     """Per-batch parts: a run resumed after losing a batch, and a run that finds every batch
     done (no model needed), both give the uninterrupted run's numbers."""
-    from dds.api import edit_config, get_backend
+    from dds.pipeline import edit_config, get_model
     from dds.eval.builtin_quality import eval_editing
     from dds.world import Judge
 
-    b, judge = get_backend(None, device="cpu"), Judge.load()
+    b, judge = get_model(None, device="cpu"), Judge.load()
     cfg = edit_config(b).with_(steps=3)
     plain = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True)
     parts = tmp_path / "editing"

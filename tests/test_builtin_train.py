@@ -51,12 +51,12 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
     with open(run_dir / "eval.csv", newline="") as f:
         readings = list(csv.DictReader(f))
     assert [int(r["step"]) for r in readings] == [2, 4]
-    from dds.backends.stable_diffusion import StableDiffusionBackend
+    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.eval.builtin_quality import eval_generation
     from dds.world import Judge
 
     cfg = tiny_cfg()
-    again = eval_generation(StableDiffusionBackend(model_dir), Judge.load(), cfg.judge_prompts,
+    again = eval_generation(StableDiffusionModel(model_dir), Judge.load(), cfg.judge_prompts,
                             1, cfg.judge_steps, batch_size=cfg.judge_prompts, quiet=True)
     for k in ("all_attributes", "objects", "object_shape", "object_color", "background"):
         assert float(readings[-1][k]) == pytest.approx(again[k], abs=1e-4), k

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dds.edit import EditConfig, edit_latents
+from dds.loop import EditConfig, edit_latents
 from dds.errors import DDSError
 
 
@@ -58,10 +58,10 @@ def test_parity_with_reference_transcription(tiny_backend, inputs):
     # At this latent size the reference divides by h*w = 64: same arithmetic as reference_area=64.
     cfg = EditConfig(steps=4, seed=7, reference_area=z_hat.shape[2] * z_hat.shape[3])
     ours = edit_latents(b, z_hat, emb_s, emb_t, cfg)
-    ref = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond_embedding(), emb_s, emb_t,
+    ref = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond(), emb_s, emb_t,
                              draws)
     assert (ours - z_hat).abs().max() > 1e-3  # it moved
-    # The CPU default splits each UNet batch by rows over threads (dds.unet_trace): rounding
+    # The CPU default splits each UNet batch by rows over threads (dds.models.trace): rounding
     # differs, and 4 steps of lr 0.1 * 2000 / 64 amplify it (to 1e-4 of the edit's move); unsplit,
     # the arithmetic is the same.
     assert (ours - ref).abs().max() <= 1e-4 * (ref - z_hat).abs().max()
@@ -76,7 +76,7 @@ def test_parity_with_reference_transcription(tiny_backend, inputs):
     steps = []
     edit_latents(b, z_hat, emb_s, emb_t, cfg.with_(steps=1), callback=lambda s, z, n: steps.append(n))
     t, eps = draws[0]
-    ref1 = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond_embedding(), emb_s, emb_t,
+    ref1 = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond(), emb_s, emb_t,
                               [(t, eps)], lr=1.0)
     grad_ref = (z_hat - ref1) * 64 / 2000  # one SGD step at lr 1 recovers the gradient
     assert torch.allclose(steps[0], grad_ref.flatten(1).norm(dim=1), rtol=1e-4)

@@ -146,7 +146,7 @@ class RedrawingBar:
 
 
 def test_sweep_edit_runs_every_step_while_its_bar_redraws(tiny_backend, tmp_path):
-    from dds.edit import edit_latents
+    from dds.loop import edit_latents
     from dds.eval.experiments.editing import run_method
     from dds.eval.world_edits import decode01
 
@@ -196,8 +196,8 @@ def test_drift_and_convergence_quick(tiny_backend, tmp_path):
 def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):
     """Convergence reads every step count off one long run: the state after k steps of a long
     run equals a k-step run."""
-    from dds.api import edit_config
-    from dds.edit import edit_latents
+    from dds.pipeline import edit_config
+    from dds.loop import edit_latents
 
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     emb = tiny_backend.encode_prompt(["a red circle", "a blue circle"])

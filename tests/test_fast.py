@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dds.edit import EditConfig, edit_latents
+from dds.loop import EditConfig, edit_latents
 from dds.fast import FastEditor, fast_edit_latents
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_edit.py"

@@ -161,7 +161,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, transl
            "--val-every", "2", "--val-images", "2", "--log-every", "1", "--cpu", "--quiet",
            "--debug-hang-after", "2"]
     # The same thread count as the in-process run it is compared with, bit for bit: CPU
-    # kernels' rounding (and dds.unet_trace's row split) depends on it.
+    # kernels' rounding (and dds.models.trace's row split) depends on it.
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -271,7 +271,7 @@ def test_two_cpu_processes_with_accumulation(tiny_sd, tmp_path):
            "--steps", "2", "--batch-size", "1", "--grad-accum", "2", "--checkpoint-every", "1",
            "--keep-checkpoints", "1", "--val-images", "1", "--cpu", "--quiet"]
     # The same thread count as the in-process run it is compared with, bit for bit: CPU
-    # kernels' rounding (and dds.unet_trace's row split) depends on it.
+    # kernels' rounding (and dds.models.trace's row split) depends on it.
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

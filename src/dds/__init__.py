@@ -1,26 +1,29 @@
 """dds: text-driven image editing with Delta Denoising Score (Hertz, Aberman, Cohen-Or 2023).
 
-The public names are imported lazily, so that `dds` (the command) starts fast and can set
-threading options before torch loads.
+The public names are imported lazily, so that `dds` (the command) starts fast.  No public name
+is also the name of a submodule: `dds.edit` is the function, every time.
 """
 
-import os
 from importlib import import_module
-
-# OpenMP threads that busy-wait slow every torch call many times over when another process
-# shares the CPU; passive waiting costs nothing measurable on an idle machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "edit": "dds.api",
-    "get_backend": "dds.api",
-    "Backend": "dds.backends",
-    "StableDiffusionBackend": "dds.backends",
-    "load_backend": "dds.backends",
-    "EditConfig": "dds.edit",
-    "edit_latents": "dds.edit",
+    "edit": "dds.pipeline",
+    "EditPipeline": "dds.pipeline",
+    "EditRequest": "dds.pipeline",
+    "EditResult": "dds.pipeline",
+    "Conditioning": "dds.models",
+    "Model": "dds.models",
+    "NoiseSchedule": "dds.models",
+    "get_model": "dds.models",
+    "load_model": "dds.models",
+    "EditConfig": "dds.loop",
+    "StepInfo": "dds.loop",
+    "edit_latents": "dds.loop",
+    "DDS": "dds.methods",
+    "SDS": "dds.methods",
+    "get_method": "dds.methods",
     "DDSError": "dds.errors",
     "cfg": "dds.score",
     "dds_grad": "dds.score",
@@ -36,5 +39,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # bound once: later lookups never reach a submodule
+        return value
     raise AttributeError(f"module 'dds' has no attribute {name!r}")

@@ -5,42 +5,17 @@ Every user error is one line on stderr and exit code 2; no traceback, no partial
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from dds.console import Parser, configure_process
 from dds.errors import DDSError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 LIST_SUFFIXES = {".csv", ".json", ".jsonl"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (and exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-
-def _quiet_libraries() -> None:
-    # Busy-waiting OpenMP threads slow training many times over on a shared CPU.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"dds: warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 # ---- edit ---------------------------------------------------------------------------------
@@ -112,9 +87,9 @@ def collect_jobs(args) -> list[Job]:
 
 
 def cmd_edit(args) -> int:
-    from dds.api import as_image, check_prompts, edit_config, get_backend
-    from dds.edit import EditConfig, edit_latents
     from dds.images import pil_to_tensor, prepare, save_png, tensor_to_pil
+    from dds.loop import EditConfig, edit_latents
+    from dds.pipeline import as_image, check_prompts, edit_config, get_model
     from dds.progress import progress_bar
 
     overrides = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
@@ -134,7 +109,7 @@ def cmd_edit(args) -> int:
     if len(todo) < len(jobs):
         print(f"dds: resuming: {len(jobs) - len(todo)} of {len(jobs)} edits already written",
               file=sys.stderr)
-    backend = get_backend(args.model, dtype=args.precision, device=args.device)
+    backend = get_model(args.model, dtype=args.precision, device=args.device)
     cfg = edit_config(backend, **overrides)
     model_name = str(args.model) if args.model else "built-in"
     done = len(jobs) - len(todo)
@@ -223,7 +198,7 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    configure_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     from dds.commands import DELEGATED
 

@@ -41,11 +41,11 @@ def grid_image(rows: list[list[np.ndarray]], header: list[str], labels: list[str
 
 def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps: int | None = None,
              quiet: bool = False) -> dict:
-    from dds.api import edit_config, get_backend
+    from dds.pipeline import edit_config, get_model
     from dds.eval.world_edits import prepare, run_zero_shot, score, summarise
     from dds.world import Judge, render, sample_edit
 
-    backend = get_backend(model)
+    backend = get_model(model)
     judge = Judge.load()
     edits = []
     for k, kind in enumerate(KINDS):

@@ -1,10 +1,11 @@
-"""A fast DDS/SDS editing path that gives the same edit as `dds.edit.edit_latents`.
+"""A fast editing path that gives the same edit as `dds.loop.edit_latents`.
 
-Same seeds, same edit: every t and eps comes from `dds.edit.draw_t_eps`, edit by edit, step by
-step, exactly as `edit_latents` draws them; the arithmetic is the same (four branch evaluations
-in one UNet batch ordered [source-uncond, target-uncond, source-cond, target-cond], one CFG
-formula, the SGD step `z -= lr * loss_scale / reference_area * w(t) * grad`).  In float32 the two
-paths agree to rounding; in half precision they agree to half-precision rounding.
+Same seeds, same edit: every t and eps comes from `dds.loop.draw_t_eps`, edit by edit, step by
+step, exactly as `edit_latents` draws them; the arithmetic is not written here at all: the
+method's own pieces (`dds.methods`: model inputs, conditioning, combination into a gradient)
+and `dds.score.sgd_step`, with the denoiser reached through the model interface
+(`model.copy_denoiser`, `model.eps_fn`).  In float32 the two paths agree to rounding; in half
+precision they agree to half-precision rounding.  This module only decides how the step runs:
 
 What makes it fast (each is a flag, the defaults are listed in `FastEditor`):
 
@@ -30,18 +31,18 @@ No per-step callback: reporting progress would need the host to read the device 
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dds.edit import EditConfig, draw_t_eps
 from dds.errors import DDSError
-from dds.score import alpha_sigma, timestep_weight
-from dds.score import cfg as cfg_combine
-from dds.unet_trace import TracedUNet
+from dds.loop import EditConfig, draw_t_eps
+from dds.methods import get_method
+from dds.models.base import Conditioning, expand_cond
+from dds.models.trace import TracedUNet
+from dds.score import sgd_step, timestep_weight
 
 _RECIPE = EditConfig()  # the reference recipe's settings
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,10 +74,8 @@ def ensure_sdpa(unet) -> list[str]:
 class _Plan:
     """Everything the loop needs, on the device, for `steps` steps of B edits."""
 
-    t4: Tensor  # (S, 4B) or (S, 2B) long: the UNet's timesteps per step
+    t: Tensor  # (S, B) long: each step's timesteps
     eps: Tensor  # (S, B, C, h, w) float32
-    alpha: Tensor  # (S, B, 1, 1, 1) float32
-    sigma: Tensor  # (S, B, 1, 1, 1) float32
     weight: Tensor  # (S, B, 1, 1, 1) float32, w(t)
 
 
@@ -89,11 +88,11 @@ class FastEditor:
         True/False, or a `torch.compile` mode string ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: "auto" (on for CUDA), True/False; ignored (with one warning) off CUDA.
     trace: "auto" (on for the CPU when the step is not compiled), True/False: run the UNet as
-        a TorchScript trace built once per input shape (`dds.unet_trace`); eager if it fails.
+        a TorchScript trace built once per input shape (`dds.models.trace`); eager if it fails.
     channels_last: run the UNet with channels-last memory format (off by default: it measured
         no faster on CPU; try it on a GPU with the benchmark's --channels-last).
     parallel: "auto" (on for the CPU), True/False: split each traced UNet batch by rows over
-        the CPU threads, one chunk per thread (`dds.unet_trace`); only with `trace`.
+        the CPU threads, one chunk per thread (`dds.models.trace`); only with `trace`.
     """
 
     def __init__(
@@ -109,7 +108,7 @@ class FastEditor:
         self.backend = backend
         self.device = torch.device(backend.device)
         on_cuda = self.device.type == "cuda"
-        base_dtype = next(backend.unet.parameters()).dtype
+        base_dtype = next(backend.denoiser.parameters()).dtype
         if precision == "auto":
             dtype = torch.float16 if on_cuda else base_dtype
         elif precision in PRECISIONS:
@@ -117,19 +116,17 @@ class FastEditor:
         else:
             raise DDSError(f"precision '{precision}' is not one of auto, fp32, fp16, bf16")
         self.dtype = dtype
-        unet = backend.unet
-        if base_dtype != dtype:
-            # A private copy: the backend's own UNet (used by the default path) stays as it was.
-            unet = copy.deepcopy(unet).to(dtype)
+        # A private copy in another dtype: the model's own (used by the default path) stays.
+        unet = backend.denoiser if base_dtype == dtype else backend.copy_denoiser(dtype)
         unet = unet.eval().requires_grad_(False)
         self.attention = ensure_sdpa(unet)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         self.unet = unet
-        self.prediction_type = getattr(backend, "prediction_type", "epsilon")
-        self.alphas_cumprod = backend.alphas_cumprod.float().to(self.device)
-        self._a_bar_cpu = self.alphas_cumprod.cpu()  # for the up-front draws
+        self.schedule = backend.schedule.to(self.device)
+        self._schedule_cpu = backend.schedule.to("cpu")  # for the up-front draws
+        self._eps_fn = backend.eps_fn(unet, call=self._call)
 
         if compile == "auto":
             compile = on_cuda
@@ -149,7 +146,7 @@ class FastEditor:
         if self.compile_mode is not None:
             self._compiled = None  # built at the first call, so a failure can fall back
         self._graphs: dict[tuple, dict] = {}
-        self._prompts: dict[str, Tensor] = {}
+        self._prompts: dict[str, Conditioning] = {}
 
     @property
     def trace(self) -> bool:
@@ -161,56 +158,39 @@ class FastEditor:
         return self.trace and self._traced.parallel_on(self.device)
 
     # ---- prompts -----------------------------------------------------------------------
-    def prompt_embedding(self, prompts: list[str]) -> Tensor:
-        """(B,L,D) embeddings in the UNet's dtype; each distinct prompt is encoded once."""
+    def prompt_embedding(self, prompts: list[str]) -> Conditioning:
+        """Conditioning of B prompts in the UNet's dtype; each distinct prompt is encoded once."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompts]
         if missing:
-            for p, e in zip(missing, self.backend.encode_prompt(missing), strict=True):
-                self._prompts[p] = e.to(self.device, self.dtype)
-        return torch.stack([self._prompts[p] for p in prompts])
+            c = self.backend.encode_prompt(missing).to(self.device, self.dtype)
+            for i, p in enumerate(missing):
+                self._prompts[p] = c[i]
+        return Conditioning.cat([self._prompts[p] for p in prompts])
 
-    def _uncond(self) -> Tensor:
+    def _uncond(self) -> Conditioning:
         if "" not in self._prompts:
-            self._prompts[""] = self.backend.uncond_embedding()[0].to(self.device, self.dtype)
+            self._prompts[""] = self.backend.uncond().to(self.device, self.dtype)
         return self._prompts[""]
 
     # ---- the step ----------------------------------------------------------------------
-    def _eps(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """UNet noise prediction in float32, v-prediction turned into eps.  x: (4B,C,h,w)."""
-        xin = x.to(self.dtype)
+    def _call(self, unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The denoiser call: channels-last when asked, traced (and row-split) when on."""
         if self.channels_last:
-            xin = xin.contiguous(memory_format=torch.channels_last)
-        out = self._traced(self.unet, xin, t, emb).float()
-        if self.prediction_type == "v_prediction":
-            alpha, sigma = alpha_sigma(self.alphas_cumprod, t)
-            out = alpha.view(-1, 1, 1, 1) * out + sigma.view(-1, 1, 1, 1) * x
-        return out
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._traced(unet, x, t, cond.embeds)
 
-    def _eager_step(
-        self, z, z_hat, emb, t4, eps, alpha, sigma, weight, guidance, lr, scale, dds: bool
-    ):
-        """One SGD step of DDS (or SDS); returns the new z.  z, z_hat, eps: (B,C,h,w)."""
-        n = z.shape[0]
-        z_t = alpha * z + sigma * eps
-        if dds:
-            zhat_t = alpha * z_hat + sigma * eps  # same t, same eps
-            e = self._eps(torch.cat([zhat_t, z_t, zhat_t, z_t]), t4, emb)
-            s_u, t_u, s_c, t_c = e.split(n)
-            g = cfg_combine(t_u, t_c, guidance) - cfg_combine(s_u, s_c, guidance)
-        else:
-            e = self._eps(torch.cat([z_t, z_t]), t4, emb)
-            g = cfg_combine(e[:n], e[n:], guidance) - eps
-        # The reference's SGD step on loss_scale * <z, w g> / area, written out: the gradient
-        # is scale * w * g (scale = loss_scale / area), and SGD moves z by -lr times it.
-        return torch.add(z, scale * (weight * g), alpha=-lr)
+    def _eager_step(self, z, z_hat, cond, t, eps, weight, guidance, lr, scale, method):
+        """One step of the method; returns the new z.  z, z_hat, eps: (B,C,h,w)."""
+        g = method.grad(self._eps_fn, z, z_hat, cond, t, eps, self.schedule, guidance)
+        return sgd_step(z, weight * g, lr, scale)
 
-    def _run_step(self, *args, dds: bool):
+    def _run_step(self, *args):
         if self.compile_mode is not None and self._compiled is None:
             try:
                 self._compiled = torch.compile(
                     self._eager_step, mode=self.compile_mode, dynamic=False
                 )
-                return self._compiled(*args, dds)
+                return self._compiled(*args)
             except Exception as e:  # no compiler, unsupported op or backend: stay eager
                 warnings.warn(
                     f"torch.compile is unavailable here ({type(e).__name__}: "
@@ -221,8 +201,8 @@ class FastEditor:
                 self.compile_mode = None
                 self._compiled = None
         if self.compile_mode is not None:
-            return self._compiled(*args, dds)
-        return self._eager_step(*args, dds)
+            return self._compiled(*args)
+        return self._eager_step(*args)
 
     # ---- the loop ----------------------------------------------------------------------
     def _plan(self, seeds: list[int], shape: tuple[int, ...], cfg: EditConfig) -> _Plan:
@@ -240,55 +220,44 @@ class FastEditor:
             eps = torch.zeros(0, b, *shape)
         else:
             t, eps = torch.stack(ts), torch.stack(epss)  # (S,B), (S,B,C,h,w)
-        a_bar = self._a_bar_cpu
-        alpha, sigma = alpha_sigma(a_bar, t)
-        weight = timestep_weight(a_bar, t, cfg.weight_a, cfg.weight_b)
-        reps = 4 if cfg.method == "dds" else 2
-        col = (-1, b, 1, 1, 1)
+        weight = timestep_weight(self._schedule_cpu, t, cfg.weight_a, cfg.weight_b)
         dev = self.device
-        return _Plan(
-            t4=t.repeat(1, reps).to(dev),
-            eps=eps.to(dev),
-            alpha=alpha.float().reshape(col).to(dev),
-            sigma=sigma.float().reshape(col).to(dev),
-            weight=weight.float().reshape(col).to(dev),
-        )
+        return _Plan(t=t.to(dev), eps=eps.to(dev),
+                     weight=weight.float().reshape(-1, b, 1, 1, 1).to(dev))
 
     @torch.no_grad()
     def edit(
         self,
         z_hat: Tensor,
-        emb_source: Tensor,
-        emb_target: Tensor,
+        cond_source: Conditioning,
+        cond_target: Conditioning,
         cfg: EditConfig = _RECIPE,
         seeds: list[int] | None = None,
     ) -> Tensor:
-        """The same edit as `edit_latents(backend, z_hat, emb_source, emb_target, cfg, seeds=...)`.
+        """The same edit as `edit_latents(model, z_hat, cond_source, cond_target, cfg, seeds=...)`.
 
-        z_hat: (B,C,h,w); emb_source, emb_target: (B,L,D) or (1,L,D).  Returns (B,C,h,w) float32.
+        z_hat: (B,C,h,w); conditionings of B rows or 1.  Returns (B,C,h,w) float32.
         """
         b = z_hat.shape[0]
         seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(b)]
         if len(seeds) != b:
             raise DDSError(f"got {len(seeds)} seeds for {b} edits; give one seed per edit")
-        dds = cfg.method == "dds"
+        method = get_method(cfg.method)
         z_hat = z_hat.detach().float().to(self.device).contiguous()
         shape = tuple(z_hat.shape[1:])
         plan = self._plan(seeds, shape, cfg)
-        emb_u = self._uncond().expand(b, -1, -1)
-        emb_t = emb_target.to(self.device, self.dtype).expand(b, -1, -1)
-        if dds:
-            emb_s = emb_source.to(self.device, self.dtype).expand(b, -1, -1)
-            emb = torch.cat([emb_u, emb_u, emb_s, emb_t])  # (4B,L,D)
-        else:
-            emb = torch.cat([emb_u, emb_t])  # (2B,L,D)
+
+        def prep(c):
+            return expand_cond(c.to(self.device, self.dtype), b)
+
+        cond = method.conditioning(prep(self._uncond()), prep(cond_source), prep(cond_target))
         lr, scale = cfg.lr, cfg.loss_scale / cfg.reference_area
         z = z_hat.clone()
         if cfg.steps == 0:
             return z
         if self.cuda_graphs:
             try:
-                return self._edit_graphed(z, z_hat, emb, plan, cfg.guidance, lr, scale, dds)
+                return self._edit_graphed(z, z_hat, cond, plan, cfg.guidance, lr, scale, method)
             except Exception as e:  # capture refused by some op: the eager loop is still right
                 warnings.warn(
                     f"CUDA graph capture failed ({type(e).__name__}); running without graphs",
@@ -297,54 +266,28 @@ class FastEditor:
                 self.cuda_graphs = False
                 z = z_hat.clone()
         for s in range(cfg.steps):
-            z = self._run_step(
-                z,
-                z_hat,
-                emb,
-                plan.t4[s],
-                plan.eps[s],
-                plan.alpha[s],
-                plan.sigma[s],
-                plan.weight[s],
-                cfg.guidance,
-                lr,
-                scale,
-                dds=dds,
-            )
+            z = self._run_step(z, z_hat, cond, plan.t[s], plan.eps[s], plan.weight[s],
+                               cfg.guidance, lr, scale, method)
         return z
 
-    def _edit_graphed(self, z, z_hat, emb, plan: _Plan, guidance, lr, scale, dds):
+    def _edit_graphed(self, z, z_hat, cond, plan: _Plan, guidance, lr, scale, method):
         """The loop as one captured CUDA graph of a step, replayed once per step; each step's
         draws are copied into the graph's input buffers on the device (no host sync)."""
-        key = (tuple(z.shape), tuple(emb.shape), dds, float(guidance), float(lr), float(scale))
+        key = (tuple(z.shape), len(cond), method.name, float(guidance), float(lr), float(scale))
         g = self._graphs.get(key)
         if g is None:
             st = {
                 "z": z.clone(),
                 "z_hat": z_hat.clone(),
-                "emb": emb.clone(),
-                "t4": plan.t4[0].clone(),
+                "cond": cond._map(lambda x: x.clone()),
+                "t": plan.t[0].clone(),
                 "eps": plan.eps[0].clone(),
-                "alpha": plan.alpha[0].clone(),
-                "sigma": plan.sigma[0].clone(),
                 "weight": plan.weight[0].clone(),
             }
 
             def step():
-                return self._run_step(
-                    st["z"],
-                    st["z_hat"],
-                    st["emb"],
-                    st["t4"],
-                    st["eps"],
-                    st["alpha"],
-                    st["sigma"],
-                    st["weight"],
-                    guidance,
-                    lr,
-                    scale,
-                    dds=dds,
-                )
+                return self._run_step(st["z"], st["z_hat"], st["cond"], st["t"], st["eps"],
+                                      st["weight"], guidance, lr, scale, method)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -360,12 +303,12 @@ class FastEditor:
         st = g["static"]
         st["z"].copy_(z)
         st["z_hat"].copy_(z_hat)
-        st["emb"].copy_(emb)
-        for s in range(plan.t4.shape[0]):
-            st["t4"].copy_(plan.t4[s])
+        st["cond"].embeds.copy_(cond.embeds)
+        if cond.pooled is not None:
+            st["cond"].pooled.copy_(cond.pooled)
+        for s in range(plan.t.shape[0]):
+            st["t"].copy_(plan.t[s])
             st["eps"].copy_(plan.eps[s])
-            st["alpha"].copy_(plan.alpha[s])
-            st["sigma"].copy_(plan.sigma[s])
             st["weight"].copy_(plan.weight[s])
             g["graph"].replay()
         return st["z"].clone()
@@ -377,8 +320,8 @@ _EDITORS: dict[tuple, FastEditor] = {}
 def fast_edit_latents(
     backend,
     z_hat: Tensor,
-    emb_source: Tensor,
-    emb_target: Tensor,
+    cond_source: Conditioning,
+    cond_target: Conditioning,
     cfg: EditConfig = _RECIPE,
     *,
     seeds: list[int] | None = None,
@@ -407,4 +350,4 @@ def fast_edit_latents(
             parallel=parallel,
         )
         _EDITORS[key] = ed
-    return ed.edit(z_hat, emb_source, emb_target, cfg, seeds=seeds)
+    return ed.edit(z_hat, cond_source, cond_target, cfg, seeds=seeds)

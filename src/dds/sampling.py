@@ -34,7 +34,7 @@ def _x0_and_eps(backend, z_t, t, emb_u, emb_c, w):
 def ddim_sample(backend, z_t: Tensor, emb_cond: Tensor, guidance: float, timesteps: list[int],
                 callback=None) -> Tensor:
     """Run DDIM (eta = 0) from z_t at timesteps[0] down to a clean latent.  (B,C,h,w)."""
-    emb_u = backend.uncond_embedding().expand(z_t.shape[0], -1, -1)
+    emb_u = backend.uncond().expand(z_t.shape[0], -1, -1)
     z = z_t.float().to(backend.device)
     for i, t in enumerate(timesteps):
         x0, eps = _x0_and_eps(backend, z, t, emb_u, emb_cond, guidance)
@@ -49,7 +49,7 @@ def ddim_sample(backend, z_t: Tensor, emb_cond: Tensor, guidance: float, timeste
 def ddim_invert(backend, z0: Tensor, emb_cond: Tensor, timesteps: list[int],
                 guidance: float = 1.0) -> Tensor:
     """Map a clean latent to z at timesteps[0] by running DDIM backwards (ascending in t)."""
-    emb_u = backend.uncond_embedding().expand(z0.shape[0], -1, -1)
+    emb_u = backend.uncond().expand(z0.shape[0], -1, -1)
     up = sorted(timesteps)
     z = z0.float().to(backend.device)
     a_prev = torch.tensor(1.0, device=backend.device)

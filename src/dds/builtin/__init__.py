@@ -1,19 +1,9 @@
-"""The built-in model: a small Stable-Diffusion-format model trained on the procedural world."""
+"""The built-in model: a small Stable-Diffusion-format model trained on the procedural world.
 
-from __future__ import annotations
+Where it lives is the model registry's business (`dds.models.registry`); this package holds
+its architecture configs and its trainer.
+"""
 
-from pathlib import Path
+from dds.models.registry import BUILTIN_DIR, builtin_model_dir
 
-from dds.errors import DDSError
-
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
-
-
-def builtin_model_dir() -> Path:
-    """The packaged model folder; one clear sentence if it was not shipped or built."""
-    if not (BUILTIN_DIR / "model_index.json").is_file():
-        raise DDSError(
-            "the built-in model is not in this installation; build it with "
-            "`dds train-builtin` or pass a diffusers model folder with --model"
-        )
-    return BUILTIN_DIR
+__all__ = ["BUILTIN_DIR", "builtin_model_dir"]

@@ -615,12 +615,12 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
     backend, how often the judge reads back every attribute of held-out single-object prompts
     (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts)."""
-    from dds.backends.stable_diffusion import StableDiffusionBackend
+    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.eval.builtin_quality import eval_generation
     from dds.world import Judge
 
     export_pipeline_folder(model_dir, vae, unet, text_encoder, tokenizer)
-    backend = StableDiffusionBackend(model_dir, device="cpu")
+    backend = StableDiffusionModel(model_dir, device="cpu")
     r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
                         batch_size=min(50, cfg.judge_prompts), quiet=True)
     r.pop("samples")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dds.atomic import atomic_write_text
-from dds.edit import EditConfig
+from dds.loop import EditConfig
 from dds.eval.metrics import psnr
 from dds.eval.world_edits import (
     HELD_OUT_SEED,

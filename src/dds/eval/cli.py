@@ -29,7 +29,7 @@ MODEL_MEASURES = {
 
 
 def cmd_model_measure(args) -> int:
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval import builtin_quality as bq
     from dds.world import Judge
 
@@ -40,7 +40,7 @@ def cmd_model_measure(args) -> int:
         kw["lrs"] = _floats(args.lrs, "--lrs")
     if args.guidances:
         kw["guidances"] = _floats(args.guidances, "--guidances")
-    backend = get_backend(args.model)
+    backend = get_model(args.model)
     judge = Judge.load()
     out = Path(args.out or f"dds-eval/{args.experiment}")
     if args.experiment == "builtin-quality":
@@ -77,14 +77,14 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.eval.experiments.common import is_builtin
 
     if args.experiment in MODEL_MEASURES:
         return cmd_model_measure(args)
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    backend = get_backend(args.model)
+    backend = get_model(args.model)
     if args.data is None and args.model is not None and not is_builtin(backend):
         raise DDSError("a model other than the built-in one needs your images and captions: give "
                        "--data FOLDER with metadata.jsonl rows {file_name, text, target}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dds.edit import EditConfig, edit_latents
+from dds.loop import EditConfig, edit_latents
 from dds.eval.metrics import outside, psnr, ssim
 from dds.progress import progress_bar
 from dds.world import Edit, edit_mask, render, sample_edit

@@ -26,7 +26,7 @@ def _inputs(src: Path) -> list[Path]:
 
 
 def cmd_translate(args) -> int:
-    from dds.api import as_image
+    from dds.pipeline import as_image
     from dds.images import save_png
     from dds.translate.network import Translator
 

@@ -118,7 +118,7 @@ def evaluate(checkpoint, n_per_task: int = 32, baselines=("dds", "sdedit"), base
              judge=None, sdedit_strength: float = 0.6, dds_steps: int | None = None, batch_size: int = 32,
              quiet: bool = False) -> dict:
     """Metrics of the network (and baselines) per task; returns a JSON-able dict."""
-    from dds.api import edit_config, get_backend
+    from dds.pipeline import edit_config, get_model
     from dds.eval.world_edits import images_of, prepare, run_zero_shot, score
     from dds.sampling import sdedit
     from dds.translate.data import Task
@@ -134,7 +134,7 @@ def evaluate(checkpoint, n_per_task: int = 32, baselines=("dds", "sdedit"), base
     backend = None
     if baselines:
         base = base_model or (None if tr.cfg.base_model == "builtin" else tr.cfg.base_model)
-        backend = get_backend(base)
+        backend = get_model(base)
     report: dict = {"checkpoint": str(tr.folder), "n_per_task": n_per_task, "tasks": {}}
     for td in tr.cfg.tasks:
         task = Task.from_dict(td)

@@ -285,7 +285,7 @@ class Translator:
 
     def __call__(self, images, task, batch_size: int = 8) -> list:
         """Paths, PIL images or arrays -> edited PIL images (working size: the training one)."""
-        from dds.api import as_image
+        from dds.pipeline import as_image
         from dds.images import pil_to_tensor, prepare, tensor_to_pil
 
         self.task_id(task)

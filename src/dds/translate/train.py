@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    from dds.api import get_backend
+    from dds.pipeline import get_model
     from dds.images import save_png
     from dds.progress import progress_bar
     from dds.score import dds_grad, grad_to_loss, sds_grad
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
 
     # ---- model, data, network ---------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    backend = get_backend(cfg.model, device=str(accelerator.device))
+    backend = get_model(cfg.model, device=str(accelerator.device))
     size = cfg.resolution or backend.native_size
     # Not the model's zero-shot edit guidance: that one is tuned together with the step size of
     # a 200-step optimisation, while here the guidance alone sets how hard DDS pulls against
@@ -481,7 +481,7 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
     log = _Log(run, step, main)
     cache = _Cache(backend, pool)
     device = accelerator.device
-    emb_u1 = backend.uncond_embedding().float()  # (1,L,D)
+    emb_u1 = backend.uncond().float()  # (1,L,D)
     a_bar = backend.alphas_cumprod
     bar = progress_bar(cfg.steps, "translate-train", quiet=cfg.quiet or not main)
     bar.update(step)
@@ -567,7 +567,7 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dds.cli import Parser
+    from dds.console import Parser
 
     d = TrainConfig()
     p = Parser(
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dds.cli import _quiet_libraries
+    from dds.console import configure_process as _quiet_libraries
 
     _quiet_libraries()
     try:

@@ -184,9 +184,9 @@ class EditSession:
     def __init__(self, model=None, *, defaults: dict | None = None,
                  preview_every: int | None = None, max_size: int | None = None,
                  model_label: str | None = None, out_dir: str | Path | None = None):
-        from dds.api import edit_config, get_backend
+        from dds.pipeline import edit_config, get_model
 
-        self.backend = get_backend(model)
+        self.backend = get_model(model)
         self.builtin = model is None
         if model_label is None:
             model_label = "built-in model" if self.builtin else (
@@ -209,7 +209,7 @@ class EditSession:
     # ---- checks --------------------------------------------------------------------------
     def config(self, **settings):
         """An `EditConfig` from page settings (numbers may arrive as floats); raises DDSError."""
-        from dds.api import edit_config
+        from dds.pipeline import edit_config
 
         s = {k: v for k, v in settings.items() if v is not None}
         for name in ("steps", "seed"):
@@ -238,7 +238,7 @@ class EditSession:
     @staticmethod
     def load_input(image) -> Image.Image:
         """A page upload (file path), PIL image or array -> checked RGB image."""
-        from dds.api import as_image
+        from dds.pipeline import as_image
 
         if image is None:
             raise DDSError("no input image: upload one, paste one, or pick an example")
@@ -273,8 +273,8 @@ class EditSession:
             preview_every: int | None = None) -> Iterator[EditUpdate]:
         """Check everything (DDSError, before anything is yielded), then edit and yield
         progress.  Every setting left None takes the session default."""
-        from dds.api import check_prompts
-        from dds.edit import edit_latents
+        from dds.pipeline import check_prompts
+        from dds.loop import edit_latents
         from dds.images import pil_to_tensor, prepare, tensor_to_pil
 
         d = self.defaults

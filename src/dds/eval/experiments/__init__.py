@@ -117,7 +117,7 @@ class Context:
         return self.data is None
 
     def edit_cfg(self, **overrides):
-        from dds.api import edit_config
+        from dds.pipeline import edit_config
 
         return edit_config(self.backend, seed=self.seed, **overrides)
 

@@ -38,7 +38,7 @@ def advance(bar, n: int):
 # ---- one method on one batch ------------------------------------------------------------------
 def run_method(ctx, es: EditSet, method: str, value: float, sl: slice, p: dict, bar) -> Tensor:
     """Outputs (n,3,H,W) in [0,1] of one method at one setting on edits[sl]."""
-    from dds.edit import edit_latents
+    from dds.loop import edit_latents
 
     b = ctx.backend
     z_hat, e_s, e_t = es.z_hat[sl], es.emb_source[sl], es.emb_target[sl]
@@ -212,7 +212,7 @@ def trajectory(ctx, es: EditSet, sl: slice, method: str, same_prompt: bool, step
     One long run serves every checkpoint: the loop's step size is constant and its t and eps
     come from per-edit generators, so the state after k steps equals a k-step run.
     """
-    from dds.edit import edit_latents
+    from dds.loop import edit_latents
 
     z_hat = es.z_hat[sl]
     n = z_hat.shape[0]

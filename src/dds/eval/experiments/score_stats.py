@@ -47,7 +47,7 @@ def sds_grads_shared(backend, zs: list[Tensor], embs: list[Tensor], t: int, eps:
     e = torch.cat([eps] * len(zs)).to(dev)
     y = torch.cat(embs).to(dev)
     tt = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
-    emb_u = backend.uncond_embedding().to(dev).expand(z.shape[0], -1, -1)
+    emb_u = backend.uncond().to(dev).expand(z.shape[0], -1, -1)
     g = sds_grad(backend.predict_eps, z, emb_u, y, tt, e, backend.alphas_cumprod, guidance)
     return list(g.float().cpu().split(n))
 
@@ -66,7 +66,7 @@ def sds_grads_captions(backend, z: Tensor, embs: list[Tensor], t: int, eps: Tens
     tt = torch.full((n,), t, dtype=torch.long, device=dev)
     eps = eps.to(dev)
     z_t = noise_input(z.to(dev), eps, tt, backend.alphas_cumprod.to(dev))
-    emb_u = backend.uncond_embedding().to(dev).expand(n, -1, -1)
+    emb_u = backend.uncond().to(dev).expand(n, -1, -1)
     gs = guided_eps_captions(backend.predict_eps, z_t, tt, emb_u, [e.to(dev) for e in embs],
                              guidance)
     return [(g - eps).float().cpu() for g in gs]

@@ -1,7 +1,13 @@
-"""Stable Diffusion (1.x eps, 2.x v-prediction) over diffusers, loaded from local files only."""
+"""Stable Diffusion 1.x (eps) and 2.x (v-prediction) over diffusers, from local files only.
+
+The whole family in one file: a second family (SDXL, SD3, FLUX) is another file like this one
+that implements `dds.models.base.Model` and is registered in `dds.models.registry`.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -10,8 +16,9 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
+from dds.models.base import Conditioning, DenoiserCall, EpsFn, NoiseSchedule
+from dds.models.trace import unet_call_for
 from dds.score import v_to_eps
-from dds.unet_trace import unet_call_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -92,24 +99,45 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class StableDiffusionBackend:
-    """The Backend protocol over a diffusers Stable Diffusion folder.
+def _eager_unet(unet, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    return unet(z_t, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+
+def folder_hash(root: Path) -> str:
+    """A short hash of a model folder's configs and weight-file sizes: which model and
+    version made an output, without reading gigabytes of weights."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            rel = p.relative_to(root).as_posix()
+            h.update(rel.encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+            else:
+                h.update(str(p.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+class StableDiffusionModel:
+    """`dds.models.base.Model` over a diffusers Stable Diffusion 1.x/2.x folder.
 
     The UNet and text encoder run in `dtype`; the VAE stays in float32 (SD's VAE overflows in
     fp16 on some images, and it runs only twice per edit).  Noise predictions are returned in
     float32 so the optimisation itself is full precision.  `trace` ("auto": on for the CPU)
-    replays the UNet from a per-shape TorchScript trace in `predict_eps` (`dds.unet_trace`).
+    replays the UNet from a per-shape TorchScript trace in `predict_eps` (`dds.models.trace`).
     """
 
+    family = "stable-diffusion"
+
     def __init__(self, model: str | Path, dtype: str = "auto", device: str | None = None,
-                 trace: bool | str = "auto"):
+                 trace: bool | str = "auto", label: str | None = None):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading is quick; the bar only clutters stderr
-        self.root = resolve_model_dir(model)
-        variants = check_model_dir(self.root)
+        self._root = resolve_model_dir(model)
+        variants = check_model_dir(self._root)
         self.device = torch.device(device) if device else default_device()
         if dtype == "auto":
             dtype = "fp16" if self.device.type == "cuda" else "fp32"
@@ -117,21 +145,21 @@ class StableDiffusionBackend:
             raise DDSError(f"precision '{dtype}' is not one of fp32, fp16, bf16, auto")
         self.dtype = DTYPES[dtype]
         try:
-            sched = DDPMScheduler.from_pretrained(self.root, subfolder="scheduler")
+            sched = DDPMScheduler.from_pretrained(self._root, subfolder="scheduler")
             self.unet = UNet2DConditionModel.from_pretrained(
-                self.root, subfolder="unet", variant=variants.get("unet")
+                self._root, subfolder="unet", variant=variants.get("unet")
             )
             self.vae = AutoencoderKL.from_pretrained(
-                self.root, subfolder="vae", variant=variants.get("vae")
+                self._root, subfolder="vae", variant=variants.get("vae")
             )
             self.text_encoder = CLIPTextModel.from_pretrained(
-                self.root, subfolder="text_encoder", variant=variants.get("text_encoder")
+                self._root, subfolder="text_encoder", variant=variants.get("text_encoder")
             )
-            self.tokenizer = CLIPTokenizer.from_pretrained(self.root, subfolder="tokenizer")
+            self.tokenizer = CLIPTokenizer.from_pretrained(self._root, subfolder="tokenizer")
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DDSError(
-                f"could not load the model in '{self.root}' ({first}); check that the folder is "
+                f"could not load the model in '{self._root}' ({first}); check that the folder is "
                 "a complete diffusers Stable Diffusion model"
             ) from None
         self.prediction_type = sched.config.prediction_type
@@ -140,7 +168,7 @@ class StableDiffusionBackend:
                 f"model predicts '{self.prediction_type}'; only 'epsilon' (SD1.x) and "
                 "'v_prediction' (SD2.x) are supported"
             )
-        self.alphas_cumprod = sched.alphas_cumprod.float().to(self.device)  # (T,)
+        self.schedule = NoiseSchedule(sched.alphas_cumprod.float().to(self.device))  # (T,)
         for module, dtype in ((self.unet, self.dtype), (self.text_encoder, self.dtype),
                               (self.vae, torch.float32)):
             if self.device.type != "cpu" or dtype != torch.float32:
@@ -149,13 +177,16 @@ class StableDiffusionBackend:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        self._uncond: Tensor | None = None
+        self.latent_channels = int(self.unet.config.in_channels)
+        self._uncond: Conditioning | None = None
         # The frozen UNet replayed from a per-shape TorchScript trace on the CPU, where Python
-        # overhead is a large part of a small model's call (dds.unet_trace).
+        # overhead is a large part of a small model's call (dds.models.trace).
         self._unet_call = unet_call_for(self.device, trace)
         # Editing settings recommended for this model (the built-in model ships measured ones).
-        defaults = self.root / "dds_edit_defaults.json"
+        defaults = self._root / "dds_edit_defaults.json"
         self.edit_defaults = json.loads(defaults.read_text()) if defaults.is_file() else {}
+        self.label = label or self._root.name or "model"
+        self._hash: str | None = None
 
     # ---- the protocol -------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +202,7 @@ class StableDiffusionBackend:
         return self.vae.decode(z).sample.clamp(-1, 1)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Tensor:
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
         """list of B prompts -> (B,77,D) text embeddings; warns when a prompt is truncated."""
         max_len = self.tokenizer.model_max_length
         for p in prompts:
@@ -185,30 +216,57 @@ class StableDiffusionBackend:
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return Conditioning(self.text_encoder(ids)[0])
 
-    @torch.no_grad()
-    def predict_eps(self, z_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """(B,C,h,w), (B,), (B,L,D) -> eps (B,C,h,w) float32."""
-        out = self._unet_call(
-            self.unet, z_t.to(self.device, self.dtype), t.to(self.device), emb.to(self.device)
-        ).float()
-        if self.prediction_type == "v_prediction":
-            out = v_to_eps(out, z_t.float(), t, self.alphas_cumprod)
-        return out
-
-    # ---- conveniences -------------------------------------------------------------------
-    def uncond_embedding(self) -> Tensor:
-        """The embedding of the empty prompt "", computed once and cached.  (1,L,D)."""
+    def uncond(self) -> Conditioning:
+        """The conditioning of the empty prompt "", computed once and cached.  1 row."""
         if self._uncond is None:
             self._uncond = self.encode_prompt([""])
         return self._uncond
 
+    def predict_eps(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """(B,C,h,w), (B,), conditioning of B rows -> eps (B,C,h,w) float32."""
+        return self._predict(self.unet, self._traced_call, z_t, t, cond)
 
-def load_backend(model: str | Path | None = None, dtype: str = "auto", device: str | None = None):
-    """A backend for `model`: a diffusers folder, a cached model id, or None for the built-in."""
-    if model is None:
-        from dds.builtin import builtin_model_dir
+    # ---- named parts for the fast path and the trainers ---------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
-        model = builtin_model_dir()
-    return StableDiffusionBackend(model, dtype=dtype, device=device)
+    def copy_denoiser(self, dtype: torch.dtype | None = None,
+                      trainable: bool = False) -> torch.nn.Module:
+        """A private copy of the UNet (the model's own stays frozen and unchanged)."""
+        unet = copy.deepcopy(self.unet)
+        if dtype is not None:
+            unet = unet.to(dtype)
+        return unet.train().requires_grad_(True) if trainable else unet
+
+    def eps_fn(self, module: torch.nn.Module, call: DenoiserCall | None = None) -> EpsFn:
+        """`predict_eps` through `module` (a copy of the denoiser), called by `call`."""
+        call = call or _eager_unet
+        return lambda z_t, t, cond: self._predict(module, call, z_t, t, cond)
+
+    def identity(self) -> dict:
+        """What made an output: family, name and a hash of the folder's configs and files."""
+        if self._hash is None:
+            self._hash = folder_hash(self._root)
+        return {"family": self.family, "name": self.label, "hash": self._hash,
+                "prediction": self.prediction_type}
+
+    def save_autoencoder(self, folder: Path) -> list[Path]:
+        """Write the VAE as a diffusers folder (what a translation network ships with)."""
+        self.vae.save_pretrained(folder, safe_serialization=True)
+        return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+    # ---- inside -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _predict(self, module, call, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        dtype = next(module.parameters()).dtype
+        c = cond.to(self.device, dtype)
+        out = call(module, z_t.to(self.device, dtype), t.to(self.device), c).float()
+        if self.prediction_type == "v_prediction":
+            out = v_to_eps(out, z_t.float(), t, self.schedule)
+        return out
+
+    def _traced_call(self, unet, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        return self._unet_call(unet, z_t, t, cond.embeds)

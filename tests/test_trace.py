@@ -1,9 +1,9 @@
-"""The traced, row-split UNet call (dds.unet_trace) against the eager module."""
+"""The traced, row-split UNet call (dds.models.trace) against the eager module."""
 
 import pytest
 import torch
 
-from dds.unet_trace import TracedUNet, row_chunks
+from dds.models.trace import TracedUNet, row_chunks
 
 
 def test_row_chunks_cover_rows_in_order():

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from dds.backends import StableDiffusionBackend
+from dds.models import StableDiffusionModel
 from dds.errors import DDSError
 from dds.score import v_to_eps
 
@@ -33,13 +33,13 @@ def test_prompt_embedding_shape_and_long_prompt_warns(tiny_backend):
     with pytest.warns(UserWarning, match="more than the text encoder's 77"):
         long = tiny_backend.encode_prompt(["cat " * 100])
     assert long.shape == (1, 77, 16)
-    assert torch.allclose(tiny_backend.uncond_embedding(), emb[1:2])
+    assert torch.allclose(tiny_backend.uncond(), emb[1:2])
 
 
 def test_predict_eps_epsilon_model(tiny_backend):
     z, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
     out = tiny_backend.predict_eps(z, t, emb)
-    # atol: the CPU call is traced and split by rows (dds.unet_trace), which rounds differently
+    # atol: the CPU call is traced and split by rows (dds.models.trace), which rounds differently
     assert torch.allclose(out, tiny_backend.unet(z, t, encoder_hidden_states=emb).sample,
                           atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_predict_eps_trace_matches_eager(tiny_backend):
 
 
 def test_predict_eps_converts_v_prediction(tiny_sd_v):
-    b = StableDiffusionBackend(tiny_sd_v, dtype="fp32", device="cpu")
+    b = StableDiffusionModel(tiny_sd_v, dtype="fp32", device="cpu")
     assert b.prediction_type == "v_prediction"
     z, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 16)
     v = b.unet(z, t, encoder_hidden_states=emb).sample
@@ -78,7 +78,7 @@ def test_alphas_cumprod_from_scheduler_config(tiny_backend):
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_half_precision_loads(tiny_sd, dtype, torch_dtype):
-    b = StableDiffusionBackend(tiny_sd, dtype=dtype, device="cpu")
+    b = StableDiffusionModel(tiny_sd, dtype=dtype, device="cpu")
     assert b.unet.dtype == torch_dtype and b.vae.dtype == torch.float32
     z = torch.randn(1, 4, 8, 8)
     out = b.predict_eps(z, torch.tensor([500]), b.encode_prompt(["a cat"]))
@@ -99,20 +99,20 @@ def test_incomplete_folder_is_named(tiny_sd, tmp_path, remove, needle):
         target = broken / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     with pytest.raises(DDSError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        StableDiffusionBackend(broken, device="cpu")
+        StableDiffusionModel(broken, device="cpu")
 
 
 def test_unknown_model_id_is_one_sentence(tmp_path):
     with pytest.raises(DDSError, match="local Hugging Face cache"):
-        StableDiffusionBackend("nobody/no-such-model", device="cpu")
+        StableDiffusionModel("nobody/no-such-model", device="cpu")
 
 
 def test_model_folder_recommended_defaults(tiny_sd, tmp_path):
     m = tmp_path / "m"
     shutil.copytree(tiny_sd, m)
     (m / "dds_edit_defaults.json").write_text(json.dumps({"guidance": 3.0, "lr": 0.2}))
-    from dds.api import edit_config
+    from dds.pipeline import edit_config
 
-    b = StableDiffusionBackend(m, device="cpu")
+    b = StableDiffusionModel(m, device="cpu")
     cfg = edit_config(b, lr=0.5)
     assert (cfg.guidance, cfg.lr, cfg.steps) == (3.0, 0.5, 200)

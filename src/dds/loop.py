@@ -14,17 +14,37 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.score import dds_grad, grad_to_loss, sds_grad, timestep_weight
+from dds.methods import METHODS, get_method
+from dds.models.base import expand_cond
+from dds.score import sgd_step, timestep_weight
 
-METHODS = ("dds", "sds")
 
-# callback(step, latent (B,C,h,w), gradient norm per edit (B,)) -> True to stop early.
-StepCallback = Callable[[int, Tensor, Tensor], "bool | None"]
+@dataclass(frozen=True)
+class StepInfo:
+    """What the loop reports after each step: the step number (1-based), the latents after it
+    (B,C,h,w) and the norm of each edit's gradient (B,)."""
+
+    step: int
+    total: int
+    z: Tensor
+    grad_norm: Tensor
+
+
+# on_step(info) -> None: progress, previews, logging.  It cannot stop the loop; `stop` does.
+StepHook = Callable[[StepInfo], None]
+
+
+class StopSignal(Protocol):
+    """Anything with `is_set()`, e.g. a `threading.Event`: the loop stops after the step in
+    which it becomes set."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -48,7 +68,7 @@ class EditConfig:
             raise DDSError(f"{name} = {getattr(self, name)!r} is invalid: {why}")
 
         if self.method not in METHODS:
-            bad("method", "use 'dds' or 'sds'")
+            bad("method", f"use one of {', '.join(repr(m) for m in METHODS)}")
         for name in ("guidance", "lr", "loss_scale", "weight_a", "weight_b"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -94,46 +114,43 @@ def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg: EditCon
 
 
 def edit_latents(
-    backend,
+    model,
     z_hat: Tensor,
-    emb_source: Tensor,
-    emb_target: Tensor,
+    cond_source,
+    cond_target,
     cfg: EditConfig = EditConfig(),
-    callback: StepCallback | None = None,
+    on_step: StepHook | None = None,
+    stop: StopSignal | None = None,
     seeds: list[int] | None = None,
 ) -> Tensor:
-    """Optimise z (initialised at z_hat) with DDS or SDS; returns the edited latents.
+    """Optimise z (initialised at z_hat) with the configured method; returns the edited latents.
 
-    z_hat: (B,C,h,w); emb_source, emb_target: (B,L,D).  Edit i uses generator seed
-    `seeds[i]` (default cfg.seed + i).  The loop mirrors the reference: SGD on z,
-    loss = loss_scale * <z, grad> / area, but written through `grad_to_loss`.
+    z_hat: (B,C,h,w); cond_source, cond_target: conditionings of B rows (or 1, broadcast).
+    Edit i uses generator seed `seeds[i]` (default cfg.seed + i).  The loop mirrors the
+    reference: SGD on z with loss = loss_scale * <z, w(t) grad> / area (`dds.score.sgd_step`).
+    `on_step` sees every step; `stop.is_set()` ends the loop after the current step.
     """
-    device = backend.device
+    device = model.device
     b = z_hat.shape[0]
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(b)]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    z_hat = z_hat.detach().float().to(device)
-    z = z_hat.clone().requires_grad_(True)
-    opt = torch.optim.SGD([z], lr=cfg.lr)
-    emb_u = backend.uncond_embedding().expand(b, -1, -1)
-    a_bar = backend.alphas_cumprod
+    method = get_method(cfg.method)
+    schedule = model.schedule
+    z = z_hat.detach().float().to(device)
+    z_hat = z.clone()
+    cond = method.conditioning(expand_cond(model.uncond(), b), expand_cond(cond_source, b),
+                               expand_cond(cond_target, b))
     scale = cfg.loss_scale / cfg.reference_area
-    for step in range(cfg.steps):
-        t, eps = draw_t_eps(gens, tuple(z.shape[1:]), cfg)
-        t, eps = t.to(device), eps.to(device)
-        with torch.no_grad():
-            if cfg.method == "dds":
-                g = dds_grad(backend.predict_eps, z, z_hat, emb_u, emb_target, emb_source, t, eps,
-                             a_bar, cfg.guidance)
-            else:
-                g = sds_grad(backend.predict_eps, z, emb_u, emb_target, t, eps, a_bar, cfg.guidance)
-            w = timestep_weight(a_bar, t, cfg.weight_a, cfg.weight_b).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        for step in range(cfg.steps):
+            t, eps = draw_t_eps(gens, tuple(z.shape[1:]), cfg)
+            t, eps = t.to(device), eps.to(device)
+            g = method.grad(model.predict_eps, z, z_hat, cond, t, eps, schedule, cfg.guidance)
+            w = timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).view(-1, 1, 1, 1)
             g = w * g  # (B,C,h,w)
-        opt.zero_grad(set_to_none=True)
-        (scale * grad_to_loss(z, g)).backward()
-        opt.step()
-        if callback is not None:
-            norms = g.flatten(1).norm(dim=1)
-            if callback(step + 1, z.detach(), norms):
+            z = sgd_step(z, g, cfg.lr, scale)
+            if on_step is not None:
+                on_step(StepInfo(step + 1, cfg.steps, z, g.flatten(1).norm(dim=1)))
+            if stop is not None and stop.is_set():
                 break
-    return z.detach()
+    return z

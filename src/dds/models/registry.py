@@ -1,0 +1,91 @@
+"""Which family a model folder belongs to, and one loaded model per (folder, precision, device).
+
+A family is registered by a name, a test on the folder and a loader; `load_model` picks the
+first family whose test accepts the folder.  Stable Diffusion 1.x/2.x is the only family today;
+SDXL, SD3 and FLUX each add one file in `dds.models` and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dds.errors import DDSError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
+BUILTIN_LABEL = "built-in model"
+
+
+def builtin_model_dir() -> Path:
+    """The packaged model folder; one clear sentence if it was not shipped or built."""
+    if not (BUILTIN_DIR / "model_index.json").is_file():
+        raise DDSError(
+            "the built-in model is not in this installation; build it with "
+            "`dds train-builtin` or pass a diffusers model folder with --model"
+        )
+    return BUILTIN_DIR
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    accepts: Callable[[Path], bool]  # does this folder hold a model of the family?
+    load: Callable[..., object]  # (folder, dtype=, device=, label=) -> Model
+
+
+def _sd_accepts(root: Path) -> bool:
+    index = root / "model_index.json"
+    if not index.is_file():
+        return True  # let the loader say which part is missing
+    import json
+
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return True
+    return cls in ("", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
+
+def _sd_load(root, **kw):
+    from dds.models.stable_diffusion import StableDiffusionModel
+
+    return StableDiffusionModel(root, **kw)
+
+
+FAMILIES: list[Family] = [Family("stable-diffusion", _sd_accepts, _sd_load)]
+
+
+def load_model(model: str | Path | None = None, dtype: str = "auto",
+               device: str | None = None):
+    """A model for `model`: a diffusers folder, a cached model id, or None for the built-in."""
+    from dds.models.stable_diffusion import resolve_model_dir
+
+    root = builtin_model_dir() if model is None else resolve_model_dir(model)
+    label = BUILTIN_LABEL if root.resolve() == BUILTIN_DIR else None
+    for fam in FAMILIES:
+        if fam.accepts(root):
+            return fam.load(root, dtype=dtype, device=device, label=label)
+    raise DDSError(f"model folder '{root}' is not of a supported family "
+                   f"({', '.join(f.name for f in FAMILIES)})")
+
+
+_LOADED: dict[tuple, object] = {}
+
+
+def is_model(obj) -> bool:
+    return hasattr(obj, "predict_eps") and hasattr(obj, "encode_prompt")
+
+
+def get_model(model=None, dtype: str = "auto", device: str | None = None):
+    """A loaded model, cached: `model` may already be one, a folder, a cached id, or None."""
+    if model is not None and is_model(model):
+        return model
+    key = (str(model), dtype, device)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(model, dtype=dtype, device=device)
+    return _LOADED[key]
+
+
+def is_builtin(model) -> bool:
+    return getattr(model, "label", None) == BUILTIN_LABEL

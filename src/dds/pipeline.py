@@ -1,0 +1,209 @@
+"""The one edit pipeline: a request in, a result out.
+
+    image -> checked RGB -> working size -> latents -> prompts -> loop -> decode -> metadata
+
+`dds.edit(...)`, the `dds edit` command and the web app all run edits through `EditPipeline`;
+none of them holds editing logic of its own.  Every check (image, prompts, numbers) happens in
+`EditPipeline.prepare`, before any model work, so a bad request costs nothing and writes nothing.
+Progress goes to an `on_step` hook; a `stop` signal (e.g. a `threading.Event`) ends the edit
+after its current step, and the result says how many steps ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dds.errors import DDSError
+from dds.images import (
+    check_size,
+    load_image,
+    pil_to_tensor,
+    prepare,
+    save_png,
+    tensor_to_pil,
+    to_rgb,
+)
+from dds.loop import EditConfig, StepHook, StopSignal, edit_latents
+from dds.methods import get_method
+from dds.models.registry import get_model
+
+
+def as_image(image) -> Image.Image:
+    """A path, PIL image or HxWx3 uint8/float array -> RGB PIL image (checked)."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.dtype != np.uint8:
+            a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+        image = Image.fromarray(a)
+    if not isinstance(image, Image.Image):
+        raise DDSError(f"image of type {type(image).__name__} is not supported; give a path or PIL image")
+    check_size(image.size)
+    return to_rgb(image)
+
+
+def check_prompts(source: str | None, target: str, method: str) -> None:
+    if not isinstance(target, str) or not target.strip():
+        raise DDSError(
+            "the target prompt is empty; describe the edited image with --target, "
+            "e.g. 'a photo of a lion'"
+        )
+    if get_method(method).uses_source and (not isinstance(source, str) or not source.strip()):
+        raise DDSError(
+            "the source prompt is empty; DDS needs a caption of the input image (--source)"
+        )
+
+
+def edit_config(model, **overrides) -> EditConfig:
+    """The reference defaults, then the model's recommended settings, then the caller's."""
+    base = EditConfig().with_(**getattr(model, "edit_defaults", {}))
+    return base.with_(**overrides)
+
+
+def image_hash(im: Image.Image) -> str:
+    """A short hash of an image's pixels (what identifies the input in an output's metadata)."""
+    a = np.asarray(im.convert("RGB"))
+    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: the image (path, PIL image or array), its caption, the target caption, any
+    `EditConfig` fields in `settings` (unset ones: the model's, else the reference recipe),
+    the working long side (`size`, default the model's native one) and `crop`."""
+
+    image: Any
+    source: str | None
+    target: str
+    settings: dict = field(default_factory=dict)
+    size: int | None = None
+    crop: bool = False
+
+
+@dataclass(frozen=True)
+class PreparedEdit:
+    """A request after every check: the working-size RGB input and the resolved config."""
+
+    request: EditRequest
+    input: Image.Image
+    config: EditConfig
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class EditResult:
+    image: Image.Image  # the edited image
+    input: Image.Image  # the input at working size
+    latents: torch.Tensor  # (1,C,h,w)
+    config: EditConfig
+    steps_run: int
+    stopped: bool
+    seconds: float
+    metadata: dict  # what `save` writes into the PNG's `dds` text chunk
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as a PNG (atomically) with the metadata in a `dds` text chunk."""
+        return save_png(self.image, path, {"dds": json.dumps(self.metadata)})
+
+
+class EditPipeline:
+    """Edits on one model.  `model`: a loaded model, a folder, a cached id, or None (built-in)."""
+
+    def __init__(self, model=None, *, dtype: str = "auto", device: str | None = None):
+        self.model = get_model(model, dtype=dtype, device=device)
+
+    def config(self, **overrides) -> EditConfig:
+        return edit_config(self.model, **overrides)
+
+    def prepare(self, request: EditRequest) -> PreparedEdit:
+        """Check everything about a request (DDSError on the first problem); no model work."""
+        cfg = self.config(**request.settings)
+        check_prompts(request.source, request.target, cfg.method)
+        if request.size is not None and request.size < 8:
+            raise DDSError(f"size {request.size} is invalid: the long side must be at least 8 "
+                           "pixels")
+        im = prepare(as_image(request.image), request.size or self.model.native_size,
+                     crop=request.crop)
+        return PreparedEdit(request, im, cfg, (request.source or "").strip(),
+                            request.target.strip())
+
+    def decode(self, z: torch.Tensor) -> Image.Image:
+        """Latents (1,C,h,w) -> PIL image (for previews as for the result)."""
+        with torch.no_grad():
+            return tensor_to_pil(self.model.decode(z))
+
+    def metadata(self, p: PreparedEdit, steps_run: int) -> dict:
+        return {"source": p.source, "target": p.target, "model": self.model.label,
+                "model_id": self.model.identity(), "input_sha256": image_hash(p.input),
+                "size": list(p.input.size), "config": json.loads(p.config.to_json()),
+                "steps_run": steps_run, "device": str(self.model.device),
+                "precision": str(self.model.dtype).removeprefix("torch.")}
+
+    def run(self, request: EditRequest | PreparedEdit, on_step: StepHook | None = None,
+            stop: StopSignal | None = None) -> EditResult:
+        """Run one edit (checking it first unless it is already prepared)."""
+        p = request if isinstance(request, PreparedEdit) else self.prepare(request)
+        t0 = time.monotonic()
+        steps = [0]
+
+        def hook(info):
+            steps[0] = info.step
+            if on_step is not None:
+                on_step(info)
+
+        with torch.no_grad():
+            z_hat = self.model.encode(pil_to_tensor(p.input))
+            cond_t = self.model.encode_prompt([p.target])
+            cond_s = self.model.encode_prompt([p.source])
+        z = edit_latents(self.model, z_hat, cond_s, cond_t, p.config, on_step=hook, stop=stop)
+        image = self.decode(z)
+        return EditResult(image=image, input=p.input, latents=z, config=p.config,
+                          steps_run=steps[0], stopped=steps[0] < p.config.steps,
+                          seconds=time.monotonic() - t0, metadata=self.metadata(p, steps[0]))
+
+
+_PIPELINES: dict[int, EditPipeline] = {}
+
+
+def pipeline_for(model=None, dtype: str = "auto", device: str | None = None) -> EditPipeline:
+    """The pipeline of a (cached) model."""
+    m = get_model(model, dtype=dtype, device=device)
+    if id(m) not in _PIPELINES:
+        _PIPELINES[id(m)] = EditPipeline(m)
+    return _PIPELINES[id(m)]
+
+
+def edit(
+    image,
+    source: str | None = None,
+    target: str = "",
+    model=None,
+    *,
+    size: int | None = None,
+    crop: bool = False,
+    on_step: StepHook | None = None,
+    stop: StopSignal | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    **settings,
+) -> Image.Image:
+    """Edit `image` from its caption `source` towards `target`; returns the edited PIL image.
+
+    `settings` takes any `EditConfig` field (method, steps, guidance, lr, seed, ...); unset
+    fields use the model's recommended settings, else the reference recipe.  `size` is the
+    working long side (default: the model's native resolution, 512 for SD1.x).
+    """
+    pipe = pipeline_for(model, dtype=dtype, device=device)
+    request = EditRequest(image, source, target, settings, size=size, crop=crop)
+    return pipe.run(request, on_step=on_step, stop=stop).image
