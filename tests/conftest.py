@@ -64,7 +64,7 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_sd):
-    from dds.models import StableDiffusionModel
+    from dds.models.stable_diffusion import StableDiffusionModel
 
     return StableDiffusionModel(tiny_sd, dtype="fp32", device="cpu")
 

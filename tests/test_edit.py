@@ -1,10 +1,12 @@
-"""The zero-shot editing loop: parity with the reference arithmetic, seeds, batches, callback."""
+"""The zero-shot editing loop: parity with the reference arithmetic, seeds, batches, hooks, stop."""
+
+import threading
 
 import pytest
 import torch
 
-from dds.loop import EditConfig, edit_latents
 from dds.errors import DDSError
+from dds.loop import EditConfig, edit_latents
 
 
 def reference_dds_loop(unet, a_bar, z_source, emb_u, emb_s, emb_t, draws, lr=0.1, w=7.5):
@@ -58,8 +60,9 @@ def test_parity_with_reference_transcription(tiny_backend, inputs):
     # At this latent size the reference divides by h*w = 64: same arithmetic as reference_area=64.
     cfg = EditConfig(steps=4, seed=7, reference_area=z_hat.shape[2] * z_hat.shape[3])
     ours = edit_latents(b, z_hat, emb_s, emb_t, cfg)
-    ref = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond(), emb_s, emb_t,
-                             draws)
+    a_bar = b.schedule.alphas_cumprod
+    ref = reference_dds_loop(b.denoiser, a_bar, z_hat, b.uncond().embeds, emb_s.embeds,
+                             emb_t.embeds, draws)
     assert (ours - z_hat).abs().max() > 1e-3  # it moved
     # The CPU default splits each UNet batch by rows over threads (dds.models.trace): rounding
     # differs, and 4 steps of lr 0.1 * 2000 / 64 amplify it (to 1e-4 of the edit's move); unsplit,
@@ -74,10 +77,11 @@ def test_parity_with_reference_transcription(tiny_backend, inputs):
 
     # The gradient of the first step, too.
     steps = []
-    edit_latents(b, z_hat, emb_s, emb_t, cfg.with_(steps=1), callback=lambda s, z, n: steps.append(n))
+    edit_latents(b, z_hat, emb_s, emb_t, cfg.with_(steps=1),
+                 on_step=lambda info: steps.append(info.grad_norm))
     t, eps = draws[0]
-    ref1 = reference_dds_loop(b.unet, b.alphas_cumprod, z_hat, b.uncond(), emb_s, emb_t,
-                              [(t, eps)], lr=1.0)
+    ref1 = reference_dds_loop(b.denoiser, a_bar, z_hat, b.uncond().embeds, emb_s.embeds,
+                              emb_t.embeds, [(t, eps)], lr=1.0)
     grad_ref = (z_hat - ref1) * 64 / 2000  # one SGD step at lr 1 recovers the gradient
     assert torch.allclose(steps[0], grad_ref.flatten(1).norm(dim=1), rtol=1e-4)
 
@@ -96,8 +100,7 @@ def test_batch_equals_single_edits(tiny_backend, inputs):
     z_hat, emb_s, emb_t = inputs
     cfg = EditConfig(steps=3)
     z2 = torch.cat([z_hat, z_hat.flip(-1)])
-    batch = edit_latents(tiny_backend, z2, emb_s.repeat(2, 1, 1), emb_t.repeat(2, 1, 1), cfg,
-                         seeds=[5, 6])
+    batch = edit_latents(tiny_backend, z2, emb_s.repeat(2), emb_t.repeat(2), cfg, seeds=[5, 6])
     one = edit_latents(tiny_backend, z2[1:], emb_s, emb_t, cfg, seeds=[6])
     assert torch.allclose(batch[1:], one, atol=1e-5)
 
@@ -115,18 +118,38 @@ def test_step_size_is_per_element(tiny_backend, inputs):
     z_hat, emb_s, emb_t = inputs
     norms = []
     cfg = EditConfig(steps=1, lr=0.3)
-    z = edit_latents(tiny_backend, z_hat, emb_s, emb_t, cfg, callback=lambda s, z, n: norms.append(n))
+    z = edit_latents(tiny_backend, z_hat, emb_s, emb_t, cfg,
+                     on_step=lambda info: norms.append(info.grad_norm))
     moved = (z - z_hat).flatten(1).norm(dim=1)
     assert torch.allclose(moved, norms[0] * 0.3 * 2000 / 4096, rtol=1e-4)
     assert EditConfig().step_per_element == pytest.approx(0.1 * 2000 / 64 / 64)
 
 
-def test_callback_can_stop(tiny_backend, inputs):
+def test_stop_signal_ends_the_loop_after_the_current_step(tiny_backend, inputs):
+    z_hat, emb_s, emb_t = inputs
+    seen, latents, stop = [], {}, threading.Event()
+
+    def on_step(info):
+        seen.append((info.step, info.total))
+        latents[info.step] = info.z
+        if info.step == 3:
+            stop.set()
+
+    z = edit_latents(tiny_backend, z_hat, emb_s, emb_t, EditConfig(steps=10), on_step=on_step,
+                     stop=stop)
+    assert seen == [(1, 10), (2, 10), (3, 10)]
+    assert torch.equal(z, latents[3])  # the result is the latent after the last step run
+    three = edit_latents(tiny_backend, z_hat, emb_s, emb_t, EditConfig(steps=3))
+    assert torch.equal(z, three)
+
+
+def test_a_hooks_return_value_does_not_stop_the_loop(tiny_backend, inputs):
+    """A progress hook that returns something truthy (tqdm's update does) must not stop."""
     z_hat, emb_s, emb_t = inputs
     seen = []
-    edit_latents(tiny_backend, z_hat, emb_s, emb_t, EditConfig(steps=10),
-                 callback=lambda s, z, n: seen.append(s) or s == 3)
-    assert seen == [1, 2, 3]
+    edit_latents(tiny_backend, z_hat, emb_s, emb_t, EditConfig(steps=4),
+                 on_step=lambda info: seen.append(info.step) or True)
+    assert seen == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("bad", [dict(steps=-1), dict(guidance=float("nan")), dict(lr=0),

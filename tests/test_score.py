@@ -1,7 +1,9 @@
 """Score math: closed forms on an analytic denoiser, invariants, and the surrogate loss."""
 
+import pytest
 import torch
 
+from dds.errors import DDSError
 from dds.score import (
     alpha_sigma,
     cfg,
@@ -149,3 +151,80 @@ def test_timestep_weight():
     assert torch.equal(timestep_weight(A_BAR, t), torch.ones(3))
     alpha, sigma = alpha_sigma(A_BAR, t)
     assert torch.allclose(timestep_weight(A_BAR, t, 1.0, 2.0), alpha * sigma**2)
+
+
+def test_sds_and_dds_accept_a_scalar_timestep():
+    """A 0-dim t means the same t for every edit, for both scores."""
+    net = Net()
+    z, zhat, eps = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    eu, et, es = torch.randn(2, 7, 5), torch.randn(2, 7, 5), torch.randn(2, 7, 5)
+    t0, t2 = torch.tensor(321), torch.tensor([321, 321])
+    with torch.no_grad():
+        assert torch.equal(sds_grad(net, z, eu, et, t0, eps, A_BAR, 7.5),
+                           sds_grad(net, z, eu, et, t2, eps, A_BAR, 7.5))
+        assert torch.equal(dds_grad(net, z, zhat, eu, et, es, t0, eps, A_BAR, 7.5),
+                           dds_grad(net, z, zhat, eu, et, es, t2, eps, A_BAR, 7.5))
+
+
+def test_methods_are_the_score_functions():
+    """The method classes compute exactly dds_grad and sds_grad, and build one batch each."""
+    from dds.methods import DDS, SDS, get_method
+
+    net = Net()
+    z, zhat, eps = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
+    t = torch.tensor([50, 400, 948])
+    eu, et, es = torch.randn(3, 7, 5), torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    with torch.no_grad():
+        d = DDS().grad(net, z, zhat, DDS().conditioning(eu, es, et), t, eps, A_BAR, 7.5)
+        s = SDS().grad(net, z, zhat, SDS().conditioning(eu, es, et), t, eps, A_BAR, 7.5)
+        assert torch.equal(d, dds_grad(net, z, zhat, eu, et, es, t, eps, A_BAR, 7.5))
+        assert torch.equal(s, sds_grad(net, z, eu, et, t, eps, A_BAR, 7.5))
+    assert net.calls[:2] == [3 * DDS.rows, 3 * SDS.rows]
+    assert get_method("dds").uses_source and not get_method("sds").uses_source
+    with pytest.raises(DDSError, match="method 'ddim'"):
+        get_method("ddim")
+
+
+def test_conditioning_objects_flow_through_the_math():
+    """Scores take Conditioning objects (with pooled parts) exactly as plain tensors."""
+    from dds.models.base import Conditioning
+
+    seen = {}
+
+    def eps_fn(z_t, t, cond):
+        seen["pooled"] = cond.pooled
+        return gaussian_denoiser(z_t, t, cond.embeds) + cond.pooled.view(-1, 1, 1, 1)
+
+    def plain(z_t, t, emb):
+        return gaussian_denoiser(z_t, t, emb)
+
+    z, zhat, eps = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([100, 700])
+    u, s, y = emb_of(0.0), emb_of(1.0), emb_of(2.0)
+    zero = torch.zeros(2, 1)
+    cu, cs, cy = (Conditioning(e, zero) for e in (u, s, y))
+    d = dds_grad(eps_fn, z, zhat, cu, cy, cs, t, eps, A_BAR, 3.0)
+    assert seen["pooled"].shape == (8, 1)  # the pooled part was batched with the embeddings
+    assert torch.equal(d, dds_grad(plain, z, zhat, u, y, s, t, eps, A_BAR, 3.0))
+
+
+def test_sgd_step_is_torch_sgd_on_the_surrogate_bit_for_bit():
+    from dds.score import sgd_step
+
+    z0, g = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=0.1)
+    (2000 / 4096 * grad_to_loss(z, g)).backward()
+    opt.step()
+    assert torch.equal(sgd_step(z0, g, 0.1, 2000 / 4096), z.detach())
+
+
+def test_noise_schedule_object_equals_the_bare_tensor():
+    from dds.models.base import NoiseSchedule
+
+    sched = NoiseSchedule(A_BAR)
+    t = torch.tensor([0, 37, 999])
+    a, s = sched.alpha_sigma(t)
+    assert torch.allclose(a, A_BAR[t].sqrt()) and torch.allclose(s, (1 - A_BAR[t]).sqrt())
+    z, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.equal(noise_input(z, eps, t, sched), noise_input(z, eps, t, A_BAR))
