@@ -158,3 +158,73 @@ def test_a_hooks_return_value_does_not_stop_the_loop(tiny_backend, inputs):
 def test_invalid_config_is_refused(bad):
     with pytest.raises(DDSError, match="invalid"):
         EditConfig(**bad)
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("steps", 10**9), ("steps", 2.5),
+                                         ("guidance", 1e308), ("guidance", -1.0), ("lr", 1e30),
+                                         ("seed", 10**20), ("seed", -1), ("seed", float("nan"))])
+def test_settings_out_of_range_are_refused_naming_the_field(field, value):
+    from dds.errors import SettingError
+    from dds.loop import LIMITS
+
+    with pytest.raises(SettingError) as e:
+        EditConfig(**{field: value})
+    assert e.value.field == field
+    lo, hi = LIMITS[field]
+    assert str(e.value).startswith(f"{field} = ") and f"from {lo:g}"[:7] in str(e.value)
+    assert "Steps" in str(e.value.relabel("Steps")) or field != "steps"
+
+
+def test_the_limits_themselves_are_accepted():
+    from dds.loop import LIMITS
+
+    for field, (lo, hi) in LIMITS.items():
+        for v in (lo, hi):
+            assert getattr(EditConfig(**{field: v}), field) == v
+
+
+class _Exploding:
+    """A stand-in model whose noise prediction is `value` everywhere (the loop sees only the
+    model interface, so this is all it needs)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, value):
+        from dds.models.base import NoiseSchedule
+
+        self.value = value
+        self.schedule = NoiseSchedule(torch.linspace(0.999, 0.01, 1000))
+
+    def uncond(self):
+        from dds.models.base import Conditioning
+
+        return Conditioning(torch.zeros(1, 2, 3))
+
+    def predict_eps(self, z_t, t, cond):
+        # Unconditional rows predict 0, conditional rows `value`: a huge guided difference.
+        out = torch.zeros_like(z_t)
+        out[z_t.shape[0] // 2:] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e30])
+def test_a_diverging_edit_is_reported_not_returned(value):
+    from dds.errors import DivergedError
+    from dds.models.base import Conditioning
+
+    m = _Exploding(value)
+    c = Conditioning(torch.ones(1, 2, 3))
+    seen = []
+    with pytest.raises(DivergedError, match="lower the guidance or the learning rate"):
+        edit_latents(m, torch.zeros(1, 4, 8, 8), c, c, EditConfig(steps=50,
+                     method="sds"), on_step=lambda info: seen.append(info.step))
+    assert len(seen) < 10  # caught at the first check (every step on the CPU, every 10 on a GPU)
+
+
+def test_a_sane_edit_passes_the_divergence_check():
+    from dds.models.base import Conditioning
+
+    m = _Exploding(0.0)  # predicts 0 everywhere: SDS moves z by +eps-sized steps only
+    c = Conditioning(torch.ones(1, 2, 3))
+    z = edit_latents(m, torch.zeros(1, 4, 8, 8), c, c, EditConfig(steps=20, method="sds"))
+    assert torch.isfinite(z).all() and z.abs().max() > 0

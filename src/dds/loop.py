@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from dds.errors import DDSError
+from dds.errors import DivergedError, SettingError
 from dds.methods import METHODS, get_method
 from dds.models.base import expand_cond
 from dds.score import sgd_step, timestep_weight
@@ -47,6 +47,37 @@ class StopSignal(Protocol):
     def is_set(self) -> bool: ...
 
 
+# The range of each user-facing setting (inclusive), shared by the library, the CLI and the web
+# app so that all refuse the same values with the same sentence.  Wide enough for any real use
+# (the reference recipe is 200 steps, guidance 7.5, lr 0.1), narrow enough that one request
+# cannot hold a shared server for days or overflow a generator.
+LIMITS = {
+    "steps": (1, 5000),
+    "guidance": (0.0, 100.0),
+    "lr": (1e-6, 10.0),
+    "seed": (0, 2**32 - 1),
+}
+# Latents of every supported model stay within a few units; far beyond this the edit diverged.
+DIVERGED_ABS = 1e4
+# Steps between checks: a check reads one value back from the device, which on a GPU waits for
+# the queued work; on the CPU it costs nothing measurable, so every step is checked there.
+DIVERGENCE_CHECK_EVERY = {"cpu": 1, "default": 10}
+
+
+def check_range(name: str, value, integer: bool = False):
+    """`value` as a number within LIMITS[name]; SettingError (naming the field) otherwise."""
+    lo, hi = LIMITS[name]
+    kind = "a whole number" if integer else "a number"
+    span = f"{lo} to {hi}" if integer else f"{lo:g} to {hi:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or (
+            integer and not float(value).is_integer()):
+        raise SettingError(name, value, f"it must be {kind} from {span}")
+    if not lo <= value <= hi:
+        raise SettingError(name, value, f"it must be {kind} from {span}")
+    return int(value) if integer else float(value)
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """Zero-shot editing settings; the defaults are the reference recipe."""
@@ -65,28 +96,28 @@ class EditConfig:
 
     def __post_init__(self):
         def bad(name, why):
-            raise DDSError(f"{name} = {getattr(self, name)!r} is invalid: {why}")
+            raise SettingError(name, getattr(self, name), why)
 
         if self.method not in METHODS:
             bad("method", f"use one of {', '.join(repr(m) for m in METHODS)}")
-        for name in ("guidance", "lr", "loss_scale", "weight_a", "weight_b"):
+        check_range("steps", self.steps, integer=True)
+        if not isinstance(self.steps, int):
+            bad("steps", "it must be a whole number (an int)")
+        check_range("guidance", self.guidance)
+        check_range("lr", self.lr)
+        check_range("seed", self.seed, integer=True)
+        if not isinstance(self.seed, int):
+            bad("seed", "it must be a whole number (an int)")
+        for name in ("loss_scale", "weight_a", "weight_b"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(name, "it must be a finite number")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            bad("steps", "it must be a whole number >= 0")
-        if self.lr <= 0:
-            bad("lr", "it must be > 0")
         if self.loss_scale <= 0:
             bad("loss_scale", "it must be > 0")
-        if self.guidance < 0:
-            bad("guidance", "it must be >= 0")
         if not isinstance(self.reference_area, int) or self.reference_area <= 0:
             bad("reference_area", "it must be a whole number > 0")
         if not (0 <= self.t_min < self.t_max - 1 <= 1000):
             bad("t_min", "need 0 <= t_min < t_max - 1 <= 1000")
-        if not isinstance(self.seed, int):
-            bad("seed", "it must be a whole number")
 
     @property
     def step_per_element(self) -> float:
@@ -111,6 +142,15 @@ def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg: EditCon
     t = torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
     eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
     return t, eps  # (B,), (B,C,h,w)
+
+
+def check_diverged(z: Tensor, step: int) -> None:
+    """DivergedError when z holds a NaN, an infinity or an exploding value (one device read)."""
+    if not bool(torch.isfinite(z).all() & (z.abs().amax() < DIVERGED_ABS)):
+        raise DivergedError(
+            f"the edit diverged by step {step} (the latents became infinite or exploded); "
+            "lower the guidance or the learning rate (lr) and try again"
+        )
 
 
 def edit_latents(
@@ -141,6 +181,7 @@ def edit_latents(
     cond = method.conditioning(expand_cond(model.uncond(), b), expand_cond(cond_source, b),
                                expand_cond(cond_target, b))
     scale = cfg.loss_scale / cfg.reference_area
+    every = DIVERGENCE_CHECK_EVERY.get(z.device.type, DIVERGENCE_CHECK_EVERY["default"])
     with torch.no_grad():
         for step in range(cfg.steps):
             t, eps = draw_t_eps(gens, tuple(z.shape[1:]), cfg)
@@ -149,6 +190,8 @@ def edit_latents(
             w = timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).view(-1, 1, 1, 1)
             g = w * g  # (B,C,h,w)
             z = sgd_step(z, g, cfg.lr, scale)
+            if (step + 1) % every == 0 or step + 1 == cfg.steps:
+                check_diverged(z, step + 1)
             if on_step is not None:
                 on_step(StepInfo(step + 1, cfg.steps, z, g.flatten(1).norm(dim=1)))
             if stop is not None and stop.is_set():
