@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dds.errors import DDSError
+from dds.errors import DDSError, SettingError
 from dds.images import (
     check_size,
     load_image,
@@ -92,13 +92,30 @@ class EditRequest:
 
 @dataclass(frozen=True)
 class PreparedEdit:
-    """A request after every check: the working-size RGB input and the resolved config."""
+    """A request after every check: the working-size RGB input and the resolved config.
+    `notes`: things the user should know that are not errors (e.g. an aspect-ratio change)."""
 
     request: EditRequest
     input: Image.Image
     config: EditConfig
     source: str
     target: str
+    notes: tuple[str, ...] = ()
+
+
+ASPECT_NOTE = 0.02  # a working size that changes the aspect ratio by more than this gets a note
+
+
+def aspect_change(original: tuple[int, int], working: tuple[int, int]) -> float:
+    """Relative change of w/h from `original` to `working` (0.05: 5% wider or narrower)."""
+    (w0, h0), (w1, h1) = original, working
+    return abs((w1 / h1) / (w0 / h0) - 1.0)
+
+
+def max_size(model) -> int:
+    """The largest working long side a request may ask for: four times the model's native
+    side, at least 1024 (beyond that, memory and time grow with nothing to gain)."""
+    return max(1024, 4 * int(model.native_size))
 
 
 @dataclass(frozen=True)
@@ -130,13 +147,27 @@ class EditPipeline:
         """Check everything about a request (DDSError on the first problem); no model work."""
         cfg = self.config(**request.settings)
         check_prompts(request.source, request.target, cfg.method)
-        if request.size is not None and request.size < 8:
-            raise DDSError(f"size {request.size} is invalid: the long side must be at least 8 "
-                           "pixels")
-        im = prepare(as_image(request.image), request.size or self.model.native_size,
-                     crop=request.crop)
+        size = self.check_size(request.size)
+        original = as_image(request.image)
+        im = prepare(original, size, crop=request.crop)
+        notes = []
+        change = aspect_change(original.size if not request.crop else (1, 1), im.size)
+        if change > ASPECT_NOTE:
+            notes.append(f"the working size {im.size[0]}x{im.size[1]} changes the image's aspect "
+                         f"ratio by {change:.1%} (both sides are multiples of 8); crop the image "
+                         "or choose another size to keep it closer")
         return PreparedEdit(request, im, cfg, (request.source or "").strip(),
-                            request.target.strip())
+                            request.target.strip(), tuple(notes))
+
+    def check_size(self, size) -> int:
+        """The working long side: the model's native one by default, else within the range."""
+        if size is None:
+            return int(self.model.native_size)
+        hi = max_size(self.model)
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not (
+                float(size).is_integer() and 8 <= size <= hi):
+            raise SettingError("size", size, f"it must be a whole number of pixels from 8 to {hi}")
+        return int(size)
 
     def decode(self, z: torch.Tensor) -> Image.Image:
         """Latents (1,C,h,w) -> PIL image (for previews as for the result)."""
