@@ -38,9 +38,16 @@ def test_edit_writes_png_with_settings(tiny_sd, photo, tmp_path, capsys):
     assert code == 0, err
     im = Image.open(out)
     assert im.size == (32, 16)  # 40x24 -> long side 32, multiples of 8, aspect kept, no crop
-    meta = json.loads(im.text["dds"])
-    assert meta["target"] == "a dog" and meta["config"]["steps"] == 2
-    assert (tmp_path / "o" / "out-step0001.png").exists()
+    meta = json.loads(im.text["dds"])  # the pipeline's metadata
+    assert meta["target"] == "a dog" and meta["source"] == "a cat"
+    assert meta["config"]["steps"] == 2 and meta["steps_run"] == 2 and meta["size"] == [32, 16]
+    assert meta["model"] == "model" and meta["model_id"]["name"] == "model"
+    assert (meta["device"], meta["precision"]) == ("cpu", "float32")
+    from dds.pipeline import image_hash, prepare
+
+    assert meta["input_sha256"] == image_hash(prepare(Image.open(photo).convert("RGB"), 32))
+    snap = tmp_path / "o" / "out-step0001.png"  # --save-every 1: step 1 of 2 (not the last)
+    assert Image.open(snap).size == (32, 16) and not (tmp_path / "o" / "out-step0002.png").exists()
     assert not np.array_equal(np.asarray(im), np.asarray(Image.open(photo).resize((32, 16))))
 
 
@@ -80,12 +87,12 @@ def test_output_never_overwrites_input(tiny_sd, photo, capsys):
     assert code == 2 and "is an input image" in err
 
 
-def _fake_bomb(path):
-    """A PNG whose header declares 30000x30000 pixels (the data is never decoded)."""
+def _fake_bomb(path, side: int = 30000):
+    """A PNG whose header declares side x side pixels (the data is never decoded)."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
             ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
                      + chunk(b"IEND", b""))
 
@@ -97,6 +104,7 @@ BAD_IMAGES = {
     "truncated": (lambda p: p.write_bytes(_png_bytes()[:120]), "damaged or truncated"),
     "tiny": (lambda p: Image.new("RGB", (1, 1)).save(p), "at least 8 pixels"),
     "bomb": (_fake_bomb, "decompression bomb"),
+    "bomb-below-pil-limit": (lambda p: _fake_bomb(p, 7000), "decompression bomb"),  # 49M px
     "folder": (lambda p: p.mkdir(), "holds no images"),
 }
 
@@ -119,6 +127,24 @@ def test_bad_images_refused(tiny_sd, tmp_path, capsys, kind):
     assert code == 2
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_bomb_check_reads_the_header_and_no_global(tmp_path, monkeypatch):
+    """The pixel limit is checked from the declared size, never by switching PIL's process-wide
+    limit (two edits may load images at once): with PIL's own check off, still refused."""
+    from dds.errors import DDSError
+    from dds.images import MAX_PIXELS, load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    p = tmp_path / "bomb.png"
+    _fake_bomb(p, 7000)
+    assert 7000 * 7000 > MAX_PIXELS
+    with pytest.raises(DDSError, match="declares more than 40,000,000 pixels"):
+        load_image(p)
+    assert Image.MAX_IMAGE_PIXELS is None
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (16, 16)).save(ok)
+    assert load_image(ok).size == (16, 16) and Image.MAX_IMAGE_PIXELS is None
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA"])

@@ -3,6 +3,7 @@ bundled examples, the `dds ui` parser, and several edits at once through Gradio'
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -10,8 +11,10 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dds.pipeline import image_hash
 from dds.ui.app import EditSession, bundled_examples, photo_examples, world_examples
 
 SIZE = 32
@@ -50,7 +53,10 @@ def test_examples_world_and_photos():
 
 
 def test_edit_yields_previews_and_a_result(session, photo):
+    threads, bomb_limit = torch.get_num_threads(), Image.MAX_IMAGE_PIXELS
     ups = list(session.run(photo, "noise", "a red circle", steps=8, preview_every=2))
+    # an edit changes no process-wide setting (several may run at once)
+    assert (torch.get_num_threads(), Image.MAX_IMAGE_PIXELS) == (threads, bomb_limit)
     previews = [u.preview for u in ups if u.preview is not None and not u.done]
     assert len(previews) >= 2
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
@@ -62,15 +68,52 @@ def test_edit_yields_previews_and_a_result(session, photo):
     assert not session.running("default")
 
 
-def test_cancel_stops_at_once_and_keeps_latest(session, photo):
+class Wrapped:
+    """The tiny model behind a wrapper that a test can watch or hold."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class HeldDecode(Wrapped):
+    """Holds the `at`-th decode (the preview of step `at`) until `release` is set, and says
+    so through `holding`."""
+
+    def __init__(self, inner, at: int):
+        super().__init__(inner)
+        self.at, self.decodes = at, 0
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def decode(self, z):
+        self.decodes += 1
+        if self.decodes == self.at:
+            self.holding.set()
+            if not self.release.wait(120):
+                raise RuntimeError("the test never released the held step")
+        return self._inner.decode(z)
+
+
+def test_cancel_stops_after_the_current_step_and_keeps_latest(tiny_backend, photo, tmp_path):
+    model = HeldDecode(tiny_backend, at=3)
+    session = EditSession(model, defaults={"size": SIZE}, out_dir=tmp_path)
     seen = []
-    for u in session.run(photo, "noise", "a red circle", steps=10_000, key="k", preview_every=1):
+    for u in session.run(photo, "noise", "a red circle", steps=5000, key="k", preview_every=1):
         seen.append(u)
-        if u.step >= 3 and not u.done:
-            assert session.cancel("k")
+        if u.step == 1:
+            assert model.holding.wait(120), "the edit never reached step 3"
+            assert session.cancel("k")  # while step 3 runs
+            model.release.set()
     last = seen[-1]
-    assert last.done and last.stopped and 3 <= last.step < 50 and last.result is not None
+    assert last.done and last.stopped and last.step == 3 and last.edit.steps_run == 3
     assert not session.cancel("k")  # nothing runs any more
+    # The kept result is the latest latent: exactly what a 3-step edit gives.
+    (three,) = [u for u in session.run(photo, "noise", "a red circle", steps=3, key="k")
+                if u.done]
+    assert not three.stopped
+    assert np.array_equal(np.asarray(last.result), np.asarray(three.result))
 
 
 def test_page_edit_records_history_and_png(session, photo):
@@ -79,11 +122,18 @@ def test_page_edit_records_history_and_png(session, photo):
     final = outs[-1]
     assert final["running"] is False and final["message"].startswith("Edit done")
     before, after = final["result"]
-    assert before.size == after.size
+    assert before.size == after.size == (SIZE, 16)
     im = Image.open(final["download"])
-    assert '"seed": 3' in im.text["dds"] and '"target": "a red circle"' in im.text["dds"]
+    meta = json.loads(im.text["dds"])  # the pipeline's metadata, plus the page's outcome
+    assert meta["target"] == "a red circle" and meta["source"] == "noise"
+    assert meta["config"]["seed"] == 3 and meta["config"]["steps"] == 4
+    assert meta["steps_run"] == 4 and meta["size"] == [SIZE, 16]
+    assert meta["model"] == "model" and meta["model_id"]["name"] == "model"
+    assert meta["input_sha256"] == image_hash(before)
+    assert meta["outcome"] == final["history"][0]["outcome"] and meta["outcome"].startswith("done")
+    assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(after))
     (h,) = final["history"]
-    assert h["steps"] == 4 and h["seed"] == 3 and h["method"] == "dds"
+    assert h["steps"] == 4 and h["seed"] == 3 and h["method"] == "dds" and h["size"] == SIZE
 
 
 def _png_header(w: int, h: int) -> bytes:
@@ -139,7 +189,7 @@ def test_bad_inputs_are_one_sentence(session, photo, tmp_path, case):
 
 
 def test_one_edit_per_page_at_a_time(session, photo):
-    first = session.run(photo, "noise", "a red circle", steps=10_000, key="busy")
+    first = session.run(photo, "noise", "a red circle", steps=5000, key="busy")
     next(first)
     try:
         outs = list(session.page_edit(photo, "noise", "x", "dds", 7.5, 3, 0.1, 0, SIZE, [],
@@ -151,7 +201,7 @@ def test_one_edit_per_page_at_a_time(session, photo):
 
 
 def test_cli_parser_defaults():
-    from dds.cli import Parser
+    from dds.console import Parser
     from dds.ui.cli import add_parser
 
     p = Parser(prog="dds")
@@ -177,20 +227,29 @@ def test_upload_preprocess_never_raises():
     assert isinstance(bad, _BadUpload) and bad.message.endswith("image")
 
 
-class CountingBackend:
-    """The tiny backend, counting how many edits use the model at the same moment."""
+class CountingModel(Wrapped):
+    """Counts how many edits are inside the model at the same moment.  With `meet=n`, the
+    first call of each of the first n edits waits (inside the count) until all n are there:
+    it passes only if n edits really run at once, and fails the edits after a timeout."""
 
-    def __init__(self, inner):
-        self._inner, self.now, self.most, self._lock = inner, 0, 0, threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
+    def __init__(self, inner, meet: int = 0):
+        super().__init__(inner)
+        self.now, self.most, self._lock = 0, 0, threading.Lock()
+        self._barrier = threading.Barrier(meet) if meet else None
+        self._met: set[int] = set()
 
     def predict_eps(self, *a, **k):
+        me = threading.get_ident()  # each edit runs in a thread of its own
         with self._lock:
             self.now += 1
             self.most = max(self.most, self.now)
+            meet = (self._barrier is not None and me not in self._met
+                    and len(self._met) < self._barrier.parties)
+            if meet:
+                self._met.add(me)
         try:
+            if meet:
+                self._barrier.wait(timeout=120)  # BrokenBarrierError: the edits ran one by one
             return self._inner.predict_eps(*a, **k)
         finally:
             with self._lock:
@@ -209,8 +268,9 @@ def test_simultaneous_edits_through_the_queue(tiny_backend, photo, tmp_path, con
     client_mod = pytest.importorskip("gradio_client")
     from dds.ui.app import build_app, launch
 
-    backend = CountingBackend(tiny_backend)
-    session = EditSession(backend, defaults={"size": SIZE}, out_dir=tmp_path / "out")
+    # With concurrency 2 the first two edits must meet inside the model, or both fail.
+    model = CountingModel(tiny_backend, meet=concurrency if concurrency > 1 else 0)
+    session = EditSession(model, defaults={"size": SIZE}, out_dir=tmp_path / "out")
     demo = build_app(session=session, examples=[], concurrency=concurrency)
     port = _free_port()
     launch(demo, port=port, block=False, quiet=True)
@@ -225,9 +285,7 @@ def test_simultaneous_edits_through_the_queue(tiny_backend, photo, tmp_path, con
                                  7.5, 5, 0.1, i, SIZE, api_name="/edit"))
         messages = [j.result(timeout=300)[4] for j in jobs]
         assert all(m.startswith("Edit done") for m in messages), messages
-        assert backend.most <= concurrency
-        if concurrency == 1:
-            assert backend.most == 1
+        assert model.most == concurrency  # never more edits at once than allowed, and no fewer
         bad = client_mod.Client(url, verbose=False).predict(
             client_mod.handle_file(str(path)), "noise", "", "dds", 7.5, 5, 0.1, 0, SIZE,
             api_name="/edit")

@@ -6,11 +6,13 @@ Every user error is one line on stderr and exit code 2; no traceback, no partial
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dds.commands import DELEGATED, REGISTRY
 from dds.console import Parser, configure_process
 from dds.errors import DDSError
 
@@ -86,55 +88,63 @@ def collect_jobs(args) -> list[Job]:
     return jobs
 
 
-def cmd_edit(args) -> int:
-    from dds.images import pil_to_tensor, prepare, save_png, tensor_to_pil
-    from dds.loop import EditConfig, edit_latents
-    from dds.pipeline import as_image, check_prompts, edit_config, get_model
-    from dds.progress import progress_bar
+def _check_edit_args(args) -> None:
+    """What the command line alone can get wrong, refused before any model loads."""
+    from dds.loop import EditConfig
 
-    overrides = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
-                     seed=args.seed)
-    EditConfig().with_(**overrides)  # validate the numbers before any loading
+    EditConfig().with_(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
+                       seed=args.seed)
     if args.save_every is not None and args.save_every <= 0:
         raise DDSError(f"--save-every {args.save_every} is invalid: it must be a whole number > 0")
     if args.size is not None and args.size < 8:
         raise DDSError(f"--size {args.size} is invalid: the long side must be at least 8 pixels")
+
+
+def _step_hook(pipe, args, job: Job, bar):
+    """Progress bar and, with --save-every N, a preview PNG every N steps."""
+    from dds.images import save_png
+
+    def on_step(info) -> None:
+        bar.set_postfix(grad=f"{float(info.grad_norm.mean()):.3f}", refresh=False)
+        bar.update(1)
+        if args.save_every and info.step % args.save_every == 0 and info.step < info.total:
+            snap = job.out.with_name(f"{job.out.stem}-step{info.step:04d}.png")
+            save_png(pipe.decode(info.z), snap)
+
+    return on_step
+
+
+def cmd_edit(args) -> int:
+    """Every job is checked (inputs, prompts, numbers) before the first edit runs; the edits
+    themselves are `EditPipeline.run`."""
+    from dds.pipeline import EditRequest, as_image, check_prompts, pipeline_for
+    from dds.progress import progress_bar
+
+    _check_edit_args(args)
     jobs = collect_jobs(args)
-    method = args.method or "dds"
-    for j in jobs:
-        check_prompts(j.source, j.target, method)
-    images = [as_image(j.image) for j in jobs]  # every input is checked before any work
-    todo = [(j, im) for j, im in zip(jobs, images, strict=True)
+    for j in jobs:  # cheap checks first: a bad prompt or image costs no model load
+        check_prompts(j.source, j.target, args.method or "dds")
+    images = [as_image(j.image) for j in jobs]
+    pipe = pipeline_for(args.model, dtype=args.precision, device=args.device)
+    settings = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
+                    seed=args.seed)
+    prepared = [pipe.prepare(EditRequest(im, j.source, j.target, settings, size=args.size,
+                                         crop=args.crop))
+                for j, im in zip(jobs, images, strict=True)]
+    del images  # the prepared (working-size) copies are what the edits use
+    todo = [(j, p) for j, p in zip(jobs, prepared, strict=True)
             if not (args.resume and j.out.exists())]
     if len(todo) < len(jobs):
         print(f"dds: resuming: {len(jobs) - len(todo)} of {len(jobs)} edits already written",
               file=sys.stderr)
-    backend = get_model(args.model, dtype=args.precision, device=args.device)
-    cfg = edit_config(backend, **overrides)
-    model_name = str(args.model) if args.model else "built-in"
     done = len(jobs) - len(todo)
     try:
-        for k, (job, im) in enumerate(todo, 1):
-            im = prepare(im, args.size or backend.native_size, crop=args.crop)
-            z_hat = backend.encode(pil_to_tensor(im))
-            emb_t = backend.encode_prompt([job.target])
-            emb_s = backend.encode_prompt([job.source or ""])
+        for k, (job, p) in enumerate(todo, 1):
             desc = f"{job.image.name} [{k}/{len(todo)}]" if len(todo) > 1 else job.image.name
-            bar = progress_bar(cfg.steps, desc, quiet=args.quiet)
-
-            def on_step(step, z, gnorm, bar=bar, job=job):
-                bar.update(1)
-                bar.set_postfix(grad=f"{float(gnorm.mean()):.3f}")
-                if args.save_every and step % args.save_every == 0 and step < cfg.steps:
-                    snap = job.out.with_name(f"{job.out.stem}-step{step:04d}.png")
-                    save_png(tensor_to_pil(backend.decode(z)), snap)
-
-            z = edit_latents(backend, z_hat, emb_s, emb_t, cfg, callback=on_step)
+            bar = progress_bar(p.config.steps, desc, quiet=args.quiet)
+            result = pipe.run(p, on_step=_step_hook(pipe, args, job, bar))
             bar.close()
-            info = {"dds": json.dumps({"source": job.source, "target": job.target,
-                                       "model": model_name, "size": list(im.size),
-                                       "config": json.loads(cfg.to_json())})}
-            save_png(tensor_to_pil(backend.decode(z)), job.out, info)
+            result.save(job.out)
             done += 1
             if not args.quiet:
                 print(f"wrote {job.out}", file=sys.stderr)
@@ -185,26 +195,16 @@ def build_parser() -> Parser:
     parser = Parser(prog="dds", description="Text-driven image editing with Delta Denoising Score.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_edit_parser(sub)
-    for extra in _extra_commands():
-        extra(sub)
+    for add in REGISTRY:  # subcommands that live next to their features
+        add(sub)
     return parser
 
 
-def _extra_commands():
-    """Subcommands that live next to their features (demo, training, evaluation)."""
-    from dds import commands
-
-    return commands.REGISTRY
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The `dds` entry point: process settings once, then the subcommand."""
     configure_process()
     argv = list(sys.argv[1:] if argv is None else argv)
-    from dds.commands import DELEGATED
-
     if argv and argv[0] in DELEGATED:
-        import importlib
-
         module = importlib.import_module(DELEGATED[argv[0]][0])
         try:
             return int(module.main(argv[1:]) or 0)

@@ -31,3 +31,7 @@ def configure_process() -> None:
     warnings.showwarning = show
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # dds.images refuses images over its own (lower) pixel limit itself, from the header.
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +24,19 @@ def load_image(path: str | Path) -> Image.Image:
         raise DDSError(f"input '{path}' is a folder where an image file was expected")
     if path.stat().st_size == 0:
         raise DDSError(f"input '{path}' is an empty file; give a PNG or JPEG image")
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # Image.open reads only the header, so the declared size is refused before any decoding.
+    # No process-wide setting is touched (two edits may load images at once); PIL's own
+    # DecompressionBombError only fires far above MAX_PIXELS.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                check_size(im.size, str(path))
-                im.load()
-                return to_rgb(im)
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise Image.DecompressionBombError(im.size)
+            check_size(im.size, str(path))
+            im.load()
+            return to_rgb(im)
     except DDSError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise DDSError(
             f"input '{path}' declares more than {MAX_PIXELS:,} pixels and is refused as a "
             "possible decompression bomb; downscale it first"
@@ -45,8 +45,6 @@ def load_image(path: str | Path) -> Image.Image:
         raise DDSError(f"input '{path}' is not an image file PIL can read; give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DDSError(f"input '{path}' is damaged or truncated ({e}); re-export the image") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
 
 
 def check_size(size: tuple[int, int], name: str = "image") -> None:

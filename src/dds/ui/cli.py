@@ -1,4 +1,7 @@
-"""`dds ui`: start the editing web page (Gradio) on this machine."""
+"""`dds ui`: start the editing web page (Gradio) on this machine.
+
+Reached through `dds.cli.main`, which makes the process-wide settings
+(`dds.console.configure_process`) once before this runs."""
 
 from __future__ import annotations
 
@@ -18,12 +21,6 @@ def cmd_ui(args) -> int:
         raise DDSError(f"--port {args.port} is invalid: give a port from 1 to 65535")
     from dds.ui.app import build_app, launch
 
-    if args.translator:
-        from dds.ui.app import load_translator
-
-        if load_translator(args.translator) is None:
-            print("dds ui: warning: no one-pass translation tab: dds.translate.translate is not "
-                  "available in this installation", file=sys.stderr)
     demo = build_app(args.model, translator=args.translator, concurrency=args.concurrency)
     if args.share:
         print("dds ui: warning: --share makes the page reachable from the internet through a "
