@@ -4,8 +4,8 @@
              UNet under fp16 autocast on CUDA / plain fp32 on CPU, a UNet batch of 4 built with
              cat([z_t] * 2) and embeddings [uncond, uncond, source, target], the surrogate
              loss (z_target * grad).sum() / (h * w), (2000 * loss).backward(), SGD lr 0.1)
-  default    `dds.edit.edit_latents` with the backend's default precision (fp16 on CUDA, fp32 on
-             CPU, as `StableDiffusionModel(dtype="auto")` chooses)
+  default    `dds.loop.edit_latents` with the model's default precision (fp16 on CUDA, fp32 on
+             CPU, as `dds.models.load_model(dtype="auto")` chooses)
   fast       `dds.fast.FastEditor` with its defaults (or the --precision/--compile/--cuda-graphs
              given here)
 
@@ -13,6 +13,11 @@ each for one edit and for --batch edits at once.  All paths make the same edit: 
 give the same t and eps draws, and every path uses the recipe's numbers (guidance 7.5, lr 0.1,
 loss scale 2000 divided by the latent's own h * w), so the final latents are compared with the
 reference's.  The model's own recommended edit settings are deliberately not applied.
+
+Every path loads the model folder through `dds.models.load_model` (the reference path reads its
+UNet, schedule and prompt embeddings from that model, then runs its own arithmetic).  Without a
+folder, one is written first: SD1.5's UNet (or the built-in model's) with random weights, since
+the cost of an edit does not depend on them.
 
 Usage (see docs/speed.md):
   python benchmarks/bench_edit.py                          # CPU: the built-in model
@@ -23,7 +28,6 @@ Usage (see docs/speed.md):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -33,6 +37,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,138 +62,109 @@ SD15_UNET = dict(
     norm_num_groups=32,
     act_fn="silu",
 )
-SD15_VAE_FACTOR = 8
-SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   num_train_timesteps=1000)
 
 TOL_FP32 = 1e-4  # both paths in float32: rounding only
 TOL_HALF = 5e-2  # a path in fp16/bf16: half-precision rounding, on latents of unit scale
 PROMPTS = ("a photo of a cat sitting on a sofa", "a photo of a lion sitting on a sofa")
 
 
-# ---- the model, held once on the CPU in float32 --------------------------------------------
-@dataclass
-class Model:
-    name: str
-    unet: torch.nn.Module  # float32, CPU: each path makes its own device copy
-    alphas_cumprod: torch.Tensor  # (T,)
-    prediction_type: str
-    vae_factor: int
-    native_size: int
-    emb_u: torch.Tensor  # (1,L,D) float32
-    emb_s: torch.Tensor
-    emb_t: torch.Tensor
+# ---- the model: a diffusers folder, every path loads it through `dds.models` --------------
+def write_folder(folder: Path, unet, vae, text_encoder) -> Path:
+    """Save a complete Stable Diffusion folder (the recipe's DDPM schedule, the CLIP tokenizer)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    from dds.tokenizer import clip_tokenizer
 
-def sd_alphas_cumprod() -> torch.Tensor:
-    s = SD_SCHEDULE
-    betas = (
-        torch.linspace(
-            s["beta_start"] ** 0.5,
-            s["beta_end"] ** 0.5,
-            s["num_train_timesteps"],
-            dtype=torch.float64,
-        )
-        ** 2
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULE, clip_sample=False), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )
-    return torch.cumprod(1.0 - betas, 0).float()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
-def random_unet_model(name: str, unet_kwargs: dict, vae_factor: int, seed: int = 0) -> Model:
-    from diffusers import UNet2DConditionModel
+def sd15_folder(folder: Path, seed: int = 0) -> Path:
+    """SD1.5's UNet with random weights; a small random autoencoder with SD's 8x downsampling
+    and a one-layer text encoder of SD's width stand in for the parts that run once per edit."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_kwargs).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(seed + 1)
-    d = unet_kwargs["cross_attention_dim"]
-    emb = [torch.randn(1, 77, d, generator=g) for _ in range(3)]
-    return Model(
-        name,
-        unet,
-        sd_alphas_cumprod(),
-        "epsilon",
-        vae_factor,
-        unet_kwargs["sample_size"] * vae_factor,
-        *emb,
+    unet = UNet2DConditionModel(**SD15_UNET)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=512, scaling_factor=0.18215,
     )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=SD15_UNET["cross_attention_dim"], intermediate_size=768,
+        num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    return write_folder(folder, unet, vae, text)
 
 
-def folder_model(name: str, path) -> Model:
-    from dds.pipeline import get_model
+def builtin_shape_folder(folder: Path, seed: int = 0) -> Path:
+    """The built-in model's architecture (`dds.builtin.configs.default()`), random weights."""
+    from dds.builtin import configs as C
 
-    b = get_model(path, dtype="fp32", device="cpu")
-    emb_s, emb_t = b.encode_prompt(list(PROMPTS)).float().split(1)
-    return Model(
-        name,
-        b.unet,
-        b.alphas_cumprod.float().cpu(),
-        b.prediction_type,
-        b.vae_scale_factor,
-        b.native_size,
-        b.uncond().float().cpu(),
-        emb_s,
-        emb_t,
-    )
+    torch.manual_seed(seed)
+    vae, unet, text = C.build_models(C.default())
+    return write_folder(folder, unet, vae, text)
 
 
-def load_model(spec: str, device: torch.device) -> Model:
-    """--model: auto, sd15, builtin, builtin-shape, tiny, or a diffusers folder."""
+def model_folder(spec: str, device: torch.device, scratch: Path) -> tuple[str, Path]:
+    """--model: auto, sd15, builtin, builtin-shape, tiny, or a diffusers folder -> (name, folder)."""
+    from dds.models import builtin_model_dir
+    from dds.models.registry import BUILTIN_DIR
+
     if spec == "auto":
         if device.type == "cuda":
             spec = "sd15"
         else:
-            from dds.builtin import BUILTIN_DIR
-
             spec = "builtin" if (BUILTIN_DIR / "model_index.json").is_file() else "builtin-shape"
     if spec == "sd15":
-        return random_unet_model("SD1.5-shaped UNet, random weights", SD15_UNET, SD15_VAE_FACTOR)
+        return "SD1.5-shaped UNet, random weights", sd15_folder(scratch / "sd15")
     if spec == "builtin-shape":
-        from dds.builtin import configs as C
-
-        cfg = C.default()
-        torch.manual_seed(0)
-        unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
-        g = torch.Generator().manual_seed(1)
-        emb = [torch.randn(1, 77, cfg.text.hidden_size, generator=g) for _ in range(3)]
-        return Model(
-            "built-in model shape, random weights",
-            unet.eval().requires_grad_(False),
-            sd_alphas_cumprod(),
-            "epsilon",
-            2 ** (len(cfg.vae.block_out_channels) - 1),
-            cfg.image_size,
-            *emb,
-        )
+        return "built-in model shape, random weights", builtin_shape_folder(scratch / "builtin")
     if spec == "builtin":
-        from dds.builtin import builtin_model_dir
-
-        return folder_model("built-in model", builtin_model_dir())
+        return "built-in model", builtin_model_dir()
     if spec == "tiny":
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from conftest import make_tiny_sd
 
-        folder = Path(tempfile.mkdtemp(prefix="dds-bench-")) / "tiny"
-        return folder_model("tiny test model (random weights)", make_tiny_sd(folder))
-    return folder_model(f"model folder {Path(spec).name}", spec)
+        return "tiny test model (random weights)", make_tiny_sd(scratch / "tiny")
+    return f"model folder {Path(spec).name}", Path(spec)
 
 
-def make_backend(model: Model, device: torch.device, dtype: torch.dtype):
-    """A `StableDiffusionModel` around a device copy of the UNet in `dtype` (no VAE or text
-    encoder: the prompts are already encoded), so `edit_latents` runs its real code."""
-    from dds.models import StableDiffusionModel
-    from dds.models.trace import unet_call_for
+@dataclass
+class Setup:
+    """What every path shares, read once from the model in float32 through its interface."""
 
-    b = StableDiffusionModel.__new__(StableDiffusionModel)
-    b._unet_call = unet_call_for(device)
-    b.unet = copy.deepcopy(model.unet).to(device, dtype).eval().requires_grad_(False)
-    b.device, b.dtype = device, dtype
-    b.alphas_cumprod = model.alphas_cumprod.to(device)
-    b.prediction_type = model.prediction_type
-    b.vae_scale_factor, b.native_size = model.vae_factor, model.native_size
-    b._uncond = model.emb_u.to(device, dtype)
-    b.edit_defaults = {}
-    return b
+    name: str
+    folder: Path
+    vae_factor: int
+    native_size: int
+    channels: int
+    prediction: str  # "epsilon" or "v_prediction"
+    uncond: object  # Conditioning, 1 row, float32 on the CPU
+    source: object
+    target: object
+
+
+def read_setup(name: str, folder: Path) -> Setup:
+    from dds.models import load_model
+
+    m = load_model(folder, dtype="fp32", device="cpu")
+    prompts = m.encode_prompt(list(PROMPTS)).float().to("cpu")
+    source, target = prompts[0], prompts[1]
+    return Setup(name, folder, m.vae_scale_factor, m.native_size, m.latent_channels,
+                 m.identity()["prediction"], m.uncond().float().to("cpu"), source, target)
 
 
 # ---- the reference loop, transcribed from the recipe (no dds code) -------------------------
@@ -299,13 +275,14 @@ def memory_kind(device) -> str:
     return "process peak RSS since start (ru_maxrss; not reset between paths)"
 
 
-def unet_flops(unet, model: Model, device, dtype, h: int, w: int, autocast_dtype=None) -> int:
+def unet_flops(unet, setup: Setup, device, h: int, w: int, autocast_dtype=None) -> int:
     """FLOPs of one UNet call on the recipe's batch of 4, counted by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(4, 4, h, w, device=device, dtype=dtype)
+    dtype = next(unet.parameters()).dtype
+    x = torch.randn(4, setup.channels, h, w, device=device, dtype=dtype)
     t = torch.full((4,), 500, device=device)
-    emb = torch.cat([model.emb_u, model.emb_u, model.emb_s, model.emb_t]).to(device, dtype)
+    emb = torch.cat([c.embeds for c in (setup.uncond, setup.uncond, setup.source, setup.target)])
     counter = FlopCounterMode(display=False)
     with (
         torch.no_grad(),
@@ -314,7 +291,7 @@ def unet_flops(unet, model: Model, device, dtype, h: int, w: int, autocast_dtype
             device.type, dtype=autocast_dtype or dtype, enabled=autocast_dtype is not None
         ),
     ):
-        unet(x, t, encoder_hidden_states=emb)
+        unet(x, t, encoder_hidden_states=emb.to(device, dtype))
     return int(counter.get_total_flops())
 
 
@@ -379,47 +356,140 @@ def _flag(v: str):
     return {"auto": "auto", "on": True, "off": False}[v]
 
 
-def main(argv=None) -> dict:
-    from dds.loop import EditConfig, edit_latents
-    from dds.fast import PRECISIONS, FastEditor
+@dataclass
+class Run:
+    """One path, ready to time: `run(steps)` -> (N,C,h,w) edited latents."""
 
-    a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(a.device)
+    run: object
+    precision: str
+    attention: list
+    holds: tuple = ()  # the path's model and editor, freed with the Run
+    warnings: tuple = ()
+
+    def settings(self) -> dict:
+        ed = next((x for x in self.holds if hasattr(x, "compile_mode")), None)
+        if ed is None:
+            return {}
+        return {"compile": ed.compile_mode, "cuda_graphs": ed.cuda_graphs,
+                "channels_last": ed.channels_last, "trace": ed.trace, "split": ed.split}
+
+
+def reference_run(setup: Setup, device, z_hat, seeds, shape) -> Run:
+    """The recipe's loop on the model's own float32 UNet, schedule and prompt embeddings."""
+    from dds.models import load_model
+
+    on_cuda = device.type == "cuda"
+    model = load_model(setup.folder, dtype="fp32", device=str(device))
+    unet = model.denoiser
+    a_bar = model.schedule.alphas_cumprod.to(device)
+    emb = [c.embeds.to(device) for c in (setup.uncond, setup.source, setup.target)]
+    zd = z_hat.to(device)
+    autocast = torch.float16 if on_cuda else None
+
+    def run(steps):
+        d = reference_draws(seeds, steps, shape)
+        return reference_edit(unet, a_bar, zd, *emb, d, autocast, setup.prediction)
+
+    return Run(run, "fp16 autocast" if on_cuda else "fp32", model.attention_kernels(unet),
+               (model,))
+
+
+def default_run(setup: Setup, device, z_hat, cfg) -> Run:
+    """`dds.loop.edit_latents` on the model loaded with its default precision."""
+    from dds.loop import edit_latents
+    from dds.models import load_model
+
+    model = load_model(setup.folder, dtype="auto", device=str(device))
+    n = z_hat.shape[0]
+    cs, ct = (c.to(device, model.dtype).expand(n) for c in (setup.source, setup.target))
+
+    def run(steps):
+        return edit_latents(model, z_hat, cs, ct, cfg.with_(steps=steps))
+
+    return Run(run, _name(model.dtype), model.attention_kernels(model.denoiser), (model,))
+
+
+def fast_run(setup: Setup, device, z_hat, cfg, seeds, a) -> Run:
+    """`dds.fast.FastEditor` on the model loaded in the fast path's precision."""
+    from dds.fast import FastEditor
+    from dds.models import load_model
+
+    model = load_model(setup.folder, dtype=a.precision, device=str(device))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ed = FastEditor(model, precision=a.precision, compile=_flag(a.compile),
+                        cuda_graphs=_flag(a.cuda_graphs), channels_last=a.channels_last,
+                        trace=_flag(a.trace), parallel=_flag(a.split))
+
+    def run(steps):
+        return ed.edit(z_hat, setup.source, setup.target, cfg.with_(steps=steps), seeds=seeds)
+
+    return Run(run, _name(ed.dtype), ed.attention, (model, ed), tuple(caught))
+
+
+def make_run(path: str, setup: Setup, device, z_hat, seeds, cfg, a) -> Run:
+    if path == "reference":
+        return reference_run(setup, device, z_hat, seeds, tuple(z_hat.shape[1:]))
+    if path == "default":
+        return default_run(setup, device, z_hat, cfg)
+    return fast_run(setup, device, z_hat, cfg, seeds, a)
+
+
+def _messages(caught) -> list[str]:
+    return sorted({str(c.message) for c in caught
+                   if not str(c.message).startswith("There are modules")})
+
+
+def measure(path: str, make, a, device, n: int, refs: dict, flops: int) -> dict:
+    """Build one path, time it, compare its latents with the reference's; one report row."""
+    reset_peak(device)
+    r = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sec, warm, out = timed(r.run, a.steps, a.repeats, device, min(3, a.steps))
+    mem = peak_mb(device)
+    out = out.float().cpu()
+    if path == "reference":
+        refs[n] = out
+    diff = (out - refs[n]).abs().max().item() if n in refs else float("nan")
+    tol = TOL_HALF if r.precision != "fp32" or device.type == "cuda" else TOL_FP32
+    return {
+        "path": path,
+        "edits": n,
+        "precision": r.precision,
+        "attention": r.attention,
+        "settings": r.settings(),
+        "seconds_total": sec,
+        "seconds_per_edit": sec / n,
+        "warmup_seconds": warm,
+        "unet_tflops": flops * a.steps * n / sec / 1e12,
+        "peak_memory_mb": mem,
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "within_tolerance": bool(diff <= tol) if math.isfinite(diff) else None,
+        "warnings": _messages([*r.warnings, *caught]),
+    }
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def header(setup: Setup, a, device, size: int, shape, flops: int) -> dict:
     on_cuda = device.type == "cuda"
-    model = load_model(a.model, device)
-    size = a.size or model.native_size
-    if size % model.vae_factor:
-        raise SystemExit(f"--size {size} is not a multiple of the model's {model.vae_factor}")
-    h = w = size // model.vae_factor
-    shape = (4, h, w)
-    paths = [p.strip() for p in a.paths.split(",") if p.strip()]
-
-    # Same-edit settings for every path: the recipe's numbers at this latent size.
-    cfg = EditConfig(steps=a.steps, seed=a.seed, reference_area=h * w)
-    ref_autocast = torch.float16 if on_cuda else None
-    default_dtype = torch.float16 if on_cuda else torch.float32  # StableDiffusionModel "auto"
-
-    g = torch.Generator().manual_seed(a.seed + 12345)
-    z_all = torch.randn(a.batch, *shape, generator=g)  # (N,4,h,w) source latents
-    flops = unet_flops(
-        copy.deepcopy(model.unet).to(device), model, device, torch.float32, h, w, ref_autocast
-    )
-
-    report = {
+    return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if on_cuda
         else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "model": model.name,
+        "model": setup.name,
         "image_size": size,
         "latent_shape": list(shape),
         "steps": a.steps,
@@ -433,134 +503,54 @@ def main(argv=None) -> dict:
         "tolerance": {"fp32": TOL_FP32, "half": TOL_HALF},
         "results": [],
     }
-    refs: dict[int, torch.Tensor] = {}
-    warm_steps = min(3, a.steps)
-    print_header(report)
 
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = _device(a.device)
+    with tempfile.TemporaryDirectory(prefix="dds-bench-") as scratch:
+        setup = read_setup(*model_folder(a.model, device, Path(scratch)))
+        return bench(setup, a, device)
+
+
+def bench(setup: Setup, a, device) -> dict:
+    from dds.loop import EditConfig
+    from dds.models import load_model
+
+    size = a.size or setup.native_size
+    if size % setup.vae_factor:
+        raise SystemExit(f"--size {size} is not a multiple of the model's {setup.vae_factor}")
+    h = w = size // setup.vae_factor
+    shape = (setup.channels, h, w)
+    paths = [p.strip() for p in a.paths.split(",") if p.strip()]
+    for p in paths:
+        if p not in ("reference", "default", "fast"):
+            raise SystemExit(f"unknown path '{p}'; use reference, default or fast")
+    # Same-edit settings for every path: the recipe's numbers at this latent size.
+    cfg = EditConfig(steps=a.steps, seed=a.seed, reference_area=h * w)
+    g = torch.Generator().manual_seed(a.seed + 12345)
+    z_all = torch.randn(a.batch, *shape, generator=g)  # (N,C,h,w) source latents
+    autocast = torch.float16 if device.type == "cuda" else None
+    model = load_model(setup.folder, dtype="fp32", device=str(device))
+    flops = unet_flops(model.denoiser, setup, device, h, w, autocast)
+    del model
+    report = header(setup, a, device, size, shape, flops)
+    print_header(report)
+    refs: dict[int, torch.Tensor] = {}
     for n in sorted({1, a.batch}):
         seeds = [a.seed + i for i in range(n)]
         z_hat = z_all[:n]
         for path in paths:
-            reset_peak(device)
-            caught_init = []
-            if path == "reference":
-                unet = copy.deepcopy(model.unet).to(device, torch.float32)
-                emb = [e.to(device) for e in (model.emb_u, model.emb_s, model.emb_t)]
-                a_bar = model.alphas_cumprod.to(device)
-                zd = z_hat.to(device)
-
-                def run(steps, unet=unet, emb=emb, a_bar=a_bar, zd=zd, seeds=seeds):
-                    d = reference_draws(seeds, steps, shape)
-                    return reference_edit(
-                        unet, a_bar, zd, *emb, d, ref_autocast, model.prediction_type
-                    )
-
-                precision, attention, settings = (
-                    ("fp16 autocast" if on_cuda else "fp32"),
-                    sorted({type(p).__name__ for p in unet.attn_processors.values()}),
-                    {},
-                )
-            elif path == "default":
-                unet = None
-                backend = make_backend(model, device, default_dtype)
-                es, et = (
-                    model.emb_s.to(device, default_dtype),
-                    model.emb_t.to(device, default_dtype),
-                )
-
-                def run(steps, backend=backend, es=es, et=et, z_hat=z_hat, n=n):
-                    return edit_latents(
-                        backend,
-                        z_hat,
-                        es.expand(n, -1, -1),
-                        et.expand(n, -1, -1),
-                        cfg.with_(steps=steps),
-                    )
-
-                precision = _name(default_dtype)
-                attention = sorted(
-                    {type(p).__name__ for p in backend.unet.attn_processors.values()}
-                )
-                settings = {}
-            elif path == "fast":
-                dtype = {"auto": torch.float16 if on_cuda else torch.float32, **PRECISIONS}[
-                    a.precision
-                ]
-                backend = make_backend(model, device, dtype)
-                with warnings.catch_warnings(record=True) as caught_init:
-                    warnings.simplefilter("always")
-                    ed = FastEditor(
-                        backend,
-                        precision=a.precision,
-                        compile=_flag(a.compile),
-                        cuda_graphs=_flag(a.cuda_graphs),
-                        channels_last=a.channels_last,
-                        trace=_flag(a.trace),
-                        parallel=_flag(a.split),
-                    )
-
-                def run(steps, ed=ed, z_hat=z_hat, seeds=seeds):
-                    return ed.edit(
-                        z_hat, model.emb_s, model.emb_t, cfg.with_(steps=steps), seeds=seeds
-                    )
-
-                precision = _name(ed.dtype)
-                attention = ed.attention
-                settings = {}
-            else:
-                raise SystemExit(f"unknown path '{path}'; use reference, default or fast")
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                sec, warm, out = timed(run, a.steps, a.repeats, device, warm_steps)
-            if path == "fast":
-                settings = {
-                    "compile": ed.compile_mode,
-                    "cuda_graphs": ed.cuda_graphs,
-                    "channels_last": ed.channels_last,
-                    "trace": ed.trace,
-                    "split": ed.split,
-                }
-            mem = peak_mb(device)
-            out = out.float().cpu()
-            if path == "reference":
-                refs[n] = out
-            diff = (out - refs[n]).abs().max().item() if n in refs else float("nan")
-            half = precision != "fp32" or on_cuda
-            tol = TOL_HALF if half else TOL_FP32
-            report["results"].append(
-                {
-                    "path": path,
-                    "edits": n,
-                    "precision": precision,
-                    "attention": attention,
-                    "settings": settings,
-                    "seconds_total": sec,
-                    "seconds_per_edit": sec / n,
-                    "warmup_seconds": warm,
-                    "unet_tflops": flops * a.steps * n / sec / 1e12,
-                    "peak_memory_mb": mem,
-                    "max_abs_diff": diff,
-                    "tolerance": tol,
-                    "within_tolerance": bool(diff <= tol) if math.isfinite(diff) else None,
-                    "warnings": sorted(
-                        {
-                            str(c.message)
-                            for c in [*caught_init, *caught]
-                            if not str(c.message).startswith("There are modules")
-                        }
-                    ),
-                }
-            )
+            make = partial(make_run, path, setup, device, z_hat, seeds, cfg, a)
+            report["results"].append(measure(path, make, a, device, n, refs, flops))
             print_row(report["results"][-1])
             if a.json:  # rewritten after every row: a run cut short keeps what it measured
                 Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-            del run
-            unet = backend = ed = None  # noqa: F841  free the device copy before the next path
-            if on_cuda:
+            if device.type == "cuda":  # the path's model was freed with its Run
                 torch.cuda.empty_cache()
-
     return report
 
 

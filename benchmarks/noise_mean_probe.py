@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args()
 
-    from dds.pipeline import get_model
     from dds.eval.world_edits import decode01
+    from dds.models import get_model
     from dds.sampling import ddim_sample, ddim_timesteps
     from dds.world.judge import Judge, render_scenes
     from dds.world.scene import caption, sample_scene
@@ -47,7 +47,7 @@ def main() -> None:
     emb = backend.encode_prompt([caption(s) for s in scenes])
     z0 = backend.encode(render_scenes(scenes) * 2 - 1).cpu()
     ts = ddim_timesteps(args.steps)
-    a_t = float(backend.alphas_cumprod[int(ts[0])]) ** 0.5
+    a_t = float(backend.schedule.a_bar(int(ts[0]))) ** 0.5
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed))
     centred = noise - noise.mean(dim=(2, 3), keepdim=True)
     mu = z0.mean(dim=(2, 3), keepdim=True)

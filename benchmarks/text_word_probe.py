@@ -35,8 +35,8 @@ def word_distances(backend) -> dict[str, float]:
     for kind in ("shape", "color", "background"):
         ps = pairs(kind)
         with torch.no_grad():
-            a = backend.encode_prompt([p[0] for p in ps]).float()
-            b = backend.encode_prompt([p[1] for p in ps]).float()
+            a = backend.encode_prompt([p[0] for p in ps]).embeds.float()
+            b = backend.encode_prompt([p[1] for p in ps]).embeds.float()
         out[kind] = float((a - b).norm(dim=-1).sum(dim=-1).mean())
     return out
 
@@ -47,7 +47,7 @@ def main() -> None:
                    help="model folder (repeatable; default: the built-in model)")
     args = p.parse_args()
 
-    from dds.pipeline import get_model
+    from dds.models import get_model
 
     print(f"{'model':<40} {'shape':>8} {'colour':>8} {'background':>10} {'shape/colour':>12}")
     for model in args.model or [None]:

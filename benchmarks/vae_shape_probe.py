@@ -26,8 +26,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
 
-    from dds.pipeline import get_model
     from dds.eval.world_edits import decode01, images_of
+    from dds.models import get_model
     from dds.world import SHAPES, Judge, sample_scene
 
     backend, judge = get_model(args.model, device="cpu"), Judge.load()

@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,9 +168,13 @@ def test_unusual_modes_are_converted(tmp_path, mode):
 @pytest.mark.parametrize("argv,needle", [
     (["--source", "a", "--target", ""], "target prompt is empty"),
     (["--source", "  ", "--target", "b"], "source prompt is empty"),
-    (["--source", "a", "--target", "b", "--steps", "-3"], "steps = -3 is invalid"),
-    (["--source", "a", "--target", "b", "--guidance", "nan"], "guidance = nan is invalid"),
-    (["--source", "a", "--target", "b", "--lr", "-1"], "lr = -1.0 is invalid"),
+    (["--source", "a", "--target", "b", "--steps", "-3"], "--steps = -3 is invalid"),
+    (["--source", "a", "--target", "b", "--steps", "0"], "--steps = 0 is invalid"),
+    (["--source", "a", "--target", "b", "--steps", "1000000000"], "from 1 to 5000"),
+    (["--source", "a", "--target", "b", "--seed", "100000000000000000000"], "--seed = 1000"),
+    (["--source", "a", "--target", "b", "--guidance", "nan"], "--guidance = nan is invalid"),
+    (["--source", "a", "--target", "b", "--lr", "-1"], "--lr = -1.0 is invalid"),
+    (["--source", "a", "--target", "b", "--size", "100000"], "--size = 100000 is invalid"),
     (["--source", "a", "--target", "b", "--steps", "x"], "invalid int value"),
     (["--source", "a", "--target", "b", "--save-every", "0"], "--save-every 0 is invalid"),
 ])
@@ -219,3 +224,66 @@ def test_defaults_sweep_bad_grid_is_one_sentence(tmp_path, capsys, flag):
     assert code == 2
     assert f"{flag} takes a comma list of positive numbers" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_batch_reports_every_bad_row_by_name(tiny_sd, photo, tmp_path, capsys):
+    for name in ("a", "b", "d"):
+        (tmp_path / f"{name}.png").write_bytes(Path(photo).read_bytes())
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("image,source,target\na.png,a cat,a dog\nb.png,,a fox\n"
+                    "gone.png,a cat,a fox\nd.png,a cat,  \n")
+    code, err = run(capsys, *edit_args(tiny_sd, jobs, "--out", tmp_path / "res"))
+    assert code == 2
+    assert "3 of 4 jobs are invalid; nothing was edited" in err
+    lines = err.splitlines()
+    assert any(line.strip().startswith("job 2 (b.png): the source prompt is empty")
+               for line in lines)
+    assert any(line.strip().startswith("job 3 (gone.png):") and "does not exist" in line
+               for line in lines)
+    assert any(line.strip().startswith("job 4 (d.png): the target prompt is empty")
+               for line in lines)
+    assert not any("job 1" in line for line in lines)
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_job_list_names_every_row_missing_an_entry(tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"image": "a.png", "target": "x"}\n{"target": "y"}\n{"image": "b.png"}\n')
+    code, err = run(capsys, "edit", jobs)
+    assert code == 2 and "2 of 3 jobs in" in err
+    assert "job 2 lacks 'image'" in err and "job 3 lacks 'target'" in err
+
+
+def test_resume_with_every_output_written_needs_no_model(tiny_sd, photo, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a", "--target", "b",
+                                       "--out", out))
+    assert code == 0, err
+    before = out.read_bytes()
+    code, err = run(capsys, "edit", photo, "--source", "a", "--target", "b", "--out", out,
+                    "--resume", "--model", tmp_path / "no-such-model")
+    assert code == 0 and "1 of 1 edits already written" in err, err
+    assert out.read_bytes() == before
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from dds.images import load_image
+
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :8] = 255  # left half white, as stored
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a phone's portrait photo
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = load_image(tmp_path / "phone.jpg")
+    assert shown.size == (8, 16)  # upright: taller than wide
+    top, bottom = np.asarray(shown)[:4].mean(), np.asarray(shown)[-4:].mean()
+    assert top > 200 and bottom < 50  # the stored left half is now on top
+
+
+def test_an_aspect_change_is_noted(tiny_sd, tmp_path, capsys):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (100, 61), "gray").save(wide)
+    code, err = run(capsys, *edit_args(tiny_sd, wide, "--source", "a", "--target", "b",
+                                       "--size", "16", "--out", tmp_path / "o.png"))
+    assert code == 0 and "note: wide.png: the working size 16x8 changes" in err

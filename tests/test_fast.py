@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dds.fast import FastEditor, _clone_cond, _copy_cond, fast_edit_latents
 from dds.loop import EditConfig, edit_latents
-from dds.fast import FastEditor, fast_edit_latents
+from dds.models.base import Conditioning
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_edit.py"
 
@@ -66,19 +67,50 @@ def test_bf16_close(tiny_backend, inputs):
     out = ed.edit(z_hat, emb_s, emb_t, cfg)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.1
-    assert next(tiny_backend.unet.parameters()).dtype == torch.float32  # backend left alone
+    assert next(tiny_backend.denoiser.parameters()).dtype == torch.float32  # model left alone
+    assert ed.unet is not tiny_backend.denoiser
 
 
 def test_fast_uses_sdpa_and_caches_prompts(tiny_backend, monkeypatch):
     ed = FastEditor(tiny_backend)
     assert ed.attention == ["AttnProcessor2_0"]  # torch's fused scaled_dot_product_attention
+    assert ed.unet is tiny_backend.denoiser  # fp32 on the CPU: the model's own, shared
     calls = []
     encode = tiny_backend.encode_prompt
     monkeypatch.setattr(tiny_backend, "encode_prompt", lambda p: calls.append(list(p)) or encode(p))
     emb = ed.prompt_embedding(["a cat", "a dog", "a cat"])
     ed.prompt_embedding(["a dog"])
     assert calls == [["a cat", "a dog"]]
-    assert torch.equal(emb[0], emb[2]) and torch.allclose(emb[:2], encode(["a cat", "a dog"]))
+    assert isinstance(emb, Conditioning) and len(emb) == 3
+    assert torch.equal(emb[0].embeds, emb[2].embeds)
+    assert torch.allclose(emb[:2].embeds, encode(["a cat", "a dog"]).embeds)
+    assert not torch.allclose(emb[0].embeds, emb[1].embeds)
+
+
+def test_channels_last_leaves_the_model_alone(tiny_backend, inputs):
+    z_hat, emb_s, emb_t = inputs
+    cfg = EditConfig(steps=2, seed=1)
+    ed = FastEditor(tiny_backend, precision="fp32", channels_last=True, trace=False)
+    assert ed.unet is not tiny_backend.denoiser  # a private copy changes memory format
+    conv = next(m for m in tiny_backend.denoiser.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # the model's own weights stay in the default format
+    assert torch.allclose(ed.edit(z_hat, emb_s, emb_t, cfg),
+                          edit_latents(tiny_backend, z_hat, emb_s, emb_t, cfg), atol=1e-5)
+
+
+def test_graph_buffers_copy_every_conditioning_field():
+    g = torch.Generator().manual_seed(0)
+    a = Conditioning(torch.randn(2, 5, 3, generator=g), torch.randn(2, 4, generator=g))
+    b = Conditioning(torch.randn(2, 5, 3, generator=g), torch.randn(2, 4, generator=g))
+    buf = _clone_cond(a)
+    assert torch.equal(buf.embeds, a.embeds) and torch.equal(buf.pooled, a.pooled)
+    assert buf.embeds.data_ptr() != a.embeds.data_ptr()
+    assert buf.pooled.data_ptr() != a.pooled.data_ptr()
+    ptrs = (buf.embeds.data_ptr(), buf.pooled.data_ptr())
+    _copy_cond(buf, b)  # in place: the captured addresses stay
+    assert (buf.embeds.data_ptr(), buf.pooled.data_ptr()) == ptrs
+    assert torch.equal(buf.embeds, b.embeds) and torch.equal(buf.pooled, b.pooled)
+    assert not torch.equal(buf.embeds, a.embeds)
 
 
 def test_cuda_graphs_fall_back_on_cpu(tiny_backend, inputs):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dds.models.base import Conditioning
 from dds.models.trace import TracedUNet, row_chunks
 
 
@@ -23,22 +24,22 @@ def unet_inputs(tiny_backend):
     z = torch.randn(5, 4, 8, 8, generator=g)
     t = torch.tensor([10, 250, 500, 750, 990])
     emb = torch.randn(5, 77, 16, generator=g)
+    unet = tiny_backend.denoiser
     with torch.no_grad():  # each row alone: independent of any batching
-        rows = torch.cat([tiny_backend.unet(z[i:i + 1], t[i:i + 1],
-                                            encoder_hidden_states=emb[i:i + 1]).sample
+        rows = torch.cat([unet(z[i:i + 1], t[i:i + 1], encoder_hidden_states=emb[i:i + 1]).sample
                           for i in range(5)])
-    return tiny_backend.unet, z, t, emb, rows
+    return unet, z, t, Conditioning(emb), rows
 
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_traced_call_equals_eager_rows(unet_inputs, parallel):
-    unet, z, t, emb, rows = unet_inputs
+    unet, z, t, cond, rows = unet_inputs
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         call = TracedUNet(parallel=parallel)
         with torch.no_grad():
-            out = call(unet, z, t, emb)
+            out = call(unet, z, t, cond)
         assert call.workers(z) == (2 if parallel else 1)
         assert len(call) == (2 if parallel else 1)  # chunks of 3 and 2 rows: two traces
         assert torch.get_num_threads() == 2  # restored after the split call
@@ -60,3 +61,15 @@ def test_one_thread_or_one_row_is_not_split(unet_inputs):
         assert TracedUNet().workers(z) == 2  # "auto": on for CPU tensors
     finally:
         torch.set_num_threads(threads)
+
+
+def test_grad_mode_or_disabled_runs_eager(unet_inputs):
+    unet, z, t, cond, rows = unet_inputs
+    off = TracedUNet(enabled=False)
+    with torch.no_grad():
+        out = off(unet, z, t, cond)
+    assert len(off) == 0 and torch.allclose(out, rows, atol=1e-5)
+    on = TracedUNet(parallel=False)
+    with torch.enable_grad():
+        out = on(unet, z[:2], t[:2], cond[:2])
+    assert len(on) == 0 and torch.allclose(out, rows[:2], atol=1e-5)

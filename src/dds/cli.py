@@ -46,10 +46,44 @@ def _read_job_list(path: Path) -> list[dict]:
         raise DDSError(f"job list '{path}' is not valid {path.suffix[1:].upper()} ({e})") from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise DDSError(f"job list '{path}' must hold a non-empty list of {{image, source, target}}")
-    for i, r in enumerate(rows, 1):
-        if not r.get("image") or not r.get("target"):
-            raise DDSError(f"job {i} in '{path}' lacks an 'image' or a 'target' entry")
+    bad = [f"job {i} lacks {' and '.join(repr(k) for k in ('image', 'target') if not r.get(k))}"
+           for i, r in enumerate(rows, 1) if not r.get("image") or not r.get("target")]
+    raise_all(bad, len(rows), f"in '{path}'")
     return rows
+
+
+def raise_all(problems: list[str], total: int, where: str = "") -> None:
+    """One DDSError listing every bad job (a batch runs all or nothing), one line each."""
+    if problems:
+        head = f"{len(problems)} of {total} jobs {where} are invalid".replace("  ", " ")
+        raise DDSError(head + "; nothing was edited:\n  " + "\n  ".join(problems))
+
+
+def check_jobs(jobs: list[Job], method: str, check_image) -> list:
+    """Every job's prompts and image checked; each problem names its job.  Returns the images."""
+    from dds.pipeline import check_prompts
+
+    problems, images = [], []
+    for i, j in enumerate(jobs, 1):
+        name = f"job {i} ({j.image.name})" if len(jobs) > 1 else f"'{j.image.name}'"
+        try:
+            check_prompts(j.source, j.target, method)
+            images.append(check_image(j.image))
+        except DDSError as e:
+            problems.append(f"{name}: {cli_words(e)}")
+    if len(jobs) == 1 and problems:
+        raise DDSError(problems[0].split(": ", 1)[1])
+    raise_all(problems, len(jobs))
+    return images
+
+
+def cli_words(e: DDSError) -> str:
+    """A library sentence in the command line's words: a setting is named by its flag."""
+    from dds.errors import SettingError
+
+    if isinstance(e, SettingError):
+        return str(e.relabel(f"--{e.field.replace('_', '-')}"))
+    return str(e)
 
 
 def collect_jobs(args) -> list[Job]:
@@ -92,8 +126,11 @@ def _check_edit_args(args) -> None:
     """What the command line alone can get wrong, refused before any model loads."""
     from dds.loop import EditConfig
 
-    EditConfig().with_(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
-                       seed=args.seed)
+    try:
+        EditConfig().with_(method=args.method, steps=args.steps, guidance=args.guidance,
+                           lr=args.lr, seed=args.seed)
+    except DDSError as e:
+        raise DDSError(cli_words(e)) from None
     if args.save_every is not None and args.save_every <= 0:
         raise DDSError(f"--save-every {args.save_every} is invalid: it must be a whole number > 0")
     if args.size is not None and args.size < 8:
@@ -117,27 +154,38 @@ def _step_hook(pipe, args, job: Job, bar):
 def cmd_edit(args) -> int:
     """Every job is checked (inputs, prompts, numbers) before the first edit runs; the edits
     themselves are `EditPipeline.run`."""
-    from dds.pipeline import EditRequest, as_image, check_prompts, pipeline_for
-    from dds.progress import progress_bar
+    from dds.pipeline import EditRequest, as_image, pipeline_for
 
     _check_edit_args(args)
     jobs = collect_jobs(args)
-    for j in jobs:  # cheap checks first: a bad prompt or image costs no model load
-        check_prompts(j.source, j.target, args.method or "dds")
-    images = [as_image(j.image) for j in jobs]
-    pipe = pipeline_for(args.model, dtype=args.precision, device=args.device)
-    settings = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
-                    seed=args.seed)
-    prepared = [pipe.prepare(EditRequest(im, j.source, j.target, settings, size=args.size,
-                                         crop=args.crop))
-                for j, im in zip(jobs, images, strict=True)]
-    del images  # the prepared (working-size) copies are what the edits use
-    todo = [(j, p) for j, p in zip(jobs, prepared, strict=True)
+    # Cheap checks first, every job: a bad prompt or image costs no model load.
+    images = check_jobs(jobs, args.method or "dds", as_image)
+    todo = [(j, im) for j, im in zip(jobs, images, strict=True)
             if not (args.resume and j.out.exists())]
+    del images
     if len(todo) < len(jobs):
         print(f"dds: resuming: {len(jobs) - len(todo)} of {len(jobs)} edits already written",
               file=sys.stderr)
-    done = len(jobs) - len(todo)
+    if not todo:
+        return 0  # nothing left to do: no model is needed
+    pipe = pipeline_for(args.model, dtype=args.precision, device=args.device)
+    settings = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
+                    seed=args.seed)
+    prepared = []
+    for job, im in todo:
+        p = pipe.prepare(EditRequest(im, job.source, job.target, settings, size=args.size,
+                                     crop=args.crop))
+        for note in p.notes:
+            print(f"dds: note: {job.image.name}: {note}", file=sys.stderr)
+        prepared.append((job, p))
+    return _run_jobs(pipe, args, prepared, total=len(jobs))
+
+
+def _run_jobs(pipe, args, prepared: list, total: int) -> int:
+    from dds.progress import progress_bar
+
+    todo = prepared
+    done = total - len(todo)
     try:
         for k, (job, p) in enumerate(todo, 1):
             desc = f"{job.image.name} [{k}/{len(todo)}]" if len(todo) > 1 else job.image.name
@@ -149,7 +197,7 @@ def cmd_edit(args) -> int:
             if not args.quiet:
                 print(f"wrote {job.out}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"dds: interrupted: {done} of {len(jobs)} edits written; rerun with --resume to "
+        print(f"dds: interrupted: {done} of {total} edits written; rerun with --resume to "
               "finish the rest", file=sys.stderr)
         return 130
     return 0
@@ -216,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DDSError as e:
-        print(f"dds {args.command}: error: {e}", file=sys.stderr)
+        print(f"dds {args.command}: error: {cli_words(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dds {args.command}: interrupted", file=sys.stderr)

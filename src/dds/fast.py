@@ -4,15 +4,15 @@ Same seeds, same edit: every t and eps comes from `dds.loop.draw_t_eps`, edit by
 step, exactly as `edit_latents` draws them; the arithmetic is not written here at all: the
 method's own pieces (`dds.methods`: model inputs, conditioning, combination into a gradient)
 and `dds.score.sgd_step`, with the denoiser reached through the model interface
-(`model.copy_denoiser`, `model.eps_fn`).  In float32 the two paths agree to rounding; in half
+(`model.fast_denoiser`, `model.eps_fn`).  In float32 the two paths agree to rounding; in half
 precision they agree to half-precision rounding.  This module only decides how the step runs:
 
 What makes it fast (each is a flag, the defaults are listed in `FastEditor`):
 
 * the UNet in half precision (`precision="fp16"` or `"bf16"`; a copy is made when the backend
   holds it in another dtype) instead of float32 weights cast on every call under autocast;
-* PyTorch's fused scaled-dot-product attention (diffusers' `AttnProcessor2_0`, its default;
-  checked, and set when a model was loaded with another processor);
+* the model's fastest exact kernels (`model.fast_denoiser`: for Stable Diffusion, PyTorch's
+  fused scaled-dot-product attention, checked, and set on a copy when the model runs another);
 * prompts encoded once (`prompt_embedding` caches each prompt, the backend caches "");
 * all t, eps, alpha_t, sigma_t and w(t) for all steps drawn up front and moved to the device in
   one copy; the SGD update written by hand under `no_grad`, so the loop never waits for the
@@ -32,7 +32,7 @@ No per-step callback: reporting progress would need the host to read the device 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -48,26 +48,17 @@ _RECIPE = EditConfig()  # the reference recipe's settings
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _sdpa_processors(unet) -> list[str]:
-    """Names of the attention processors in `unet` (diffusers), deduplicated."""
-    procs = getattr(unet, "attn_processors", {})
-    return sorted({type(p).__name__ for p in procs.values()})
+def _clone_cond(c: Conditioning) -> Conditioning:
+    """A copy of every tensor field of `c` (concatenating one part allocates new tensors)."""
+    return Conditioning.cat([c])
 
 
-def ensure_sdpa(unet) -> list[str]:
-    """Make every attention layer use torch's fused SDPA; returns the processor names in use.
-
-    diffusers (>= 0.20, with torch >= 2) already picks `AttnProcessor2_0`, which calls
-    `torch.nn.functional.scaled_dot_product_attention`; this only changes a model that was
-    loaded with another processor (e.g. the plain `AttnProcessor`).
-    """
-    names = _sdpa_processors(unet)
-    if names and names != ["AttnProcessor2_0"]:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-        names = _sdpa_processors(unet)
-    return names
+def _copy_cond(dst: Conditioning, src: Conditioning) -> None:
+    """Copy every tensor field of `src` into `dst`'s tensors in place (same shapes)."""
+    for f in fields(dst):
+        d = getattr(dst, f.name)
+        if isinstance(d, Tensor):
+            d.copy_(getattr(src, f.name))
 
 
 @dataclass(frozen=True)
@@ -116,11 +107,11 @@ class FastEditor:
         else:
             raise DDSError(f"precision '{precision}' is not one of auto, fp32, fp16, bf16")
         self.dtype = dtype
-        # A private copy in another dtype: the model's own (used by the default path) stays.
-        unet = backend.denoiser if base_dtype == dtype else backend.copy_denoiser(dtype)
-        unet = unet.eval().requires_grad_(False)
-        self.attention = ensure_sdpa(unet)
+        # The model's own denoiser when it fits, else a private copy (another dtype, or one
+        # that channels-last will change): the model's own, used by the default path, stays.
         self.channels_last = bool(channels_last)
+        unet = backend.fast_denoiser(dtype, private=self.channels_last)
+        self.attention = backend.attention_kernels(unet)
         if self.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         self.unet = unet
@@ -177,7 +168,7 @@ class FastEditor:
         """The denoiser call: channels-last when asked, traced (and row-split) when on."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self._traced(unet, x, t, cond.embeds)
+        return self._traced(unet, x, t, cond)
 
     def _eager_step(self, z, z_hat, cond, t, eps, weight, guidance, lr, scale, method):
         """One step of the method; returns the new z.  z, z_hat, eps: (B,C,h,w)."""
@@ -279,7 +270,7 @@ class FastEditor:
             st = {
                 "z": z.clone(),
                 "z_hat": z_hat.clone(),
-                "cond": cond._map(lambda x: x.clone()),
+                "cond": _clone_cond(cond),
                 "t": plan.t[0].clone(),
                 "eps": plan.eps[0].clone(),
                 "weight": plan.weight[0].clone(),
@@ -303,9 +294,7 @@ class FastEditor:
         st = g["static"]
         st["z"].copy_(z)
         st["z_hat"].copy_(z_hat)
-        st["cond"].embeds.copy_(cond.embeds)
-        if cond.pooled is not None:
-            st["cond"].pooled.copy_(cond.pooled)
+        _copy_cond(st["cond"], cond)
         for s in range(plan.t.shape[0]):
             st["t"].copy_(plan.t[s])
             st["eps"].copy_(plan.eps[s])
@@ -334,7 +323,7 @@ def fast_edit_latents(
 ) -> Tensor:
     """`edit_latents` through a cached `FastEditor` (one per backend and settings).
 
-    Same arguments and result as `dds.edit.edit_latents` (no callback); the keyword flags are
+    Same arguments and result as `dds.loop.edit_latents` (no on_step); the keyword flags are
     `FastEditor`'s.  z_hat: (B,C,h,w) -> (B,C,h,w) float32 edited latents.
     """
     key = (id(backend), precision, compile, cuda_graphs, channels_last, trace, parallel)

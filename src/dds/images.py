@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from dds.atomic import atomic_path
 from dds.errors import DDSError
@@ -33,7 +33,7 @@ def load_image(path: str | Path) -> Image.Image:
                 raise Image.DecompressionBombError(im.size)
             check_size(im.size, str(path))
             im.load()
-            return to_rgb(im)
+            return to_rgb(upright(im))
     except DDSError:
         raise
     except Image.DecompressionBombError:
@@ -45,6 +45,12 @@ def load_image(path: str | Path) -> Image.Image:
         raise DDSError(f"input '{path}' is not an image file PIL can read; give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DDSError(f"input '{path}' is damaged or truncated ({e}); re-export the image") from None
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied (a phone's portrait photo
+    is stored sideways with an orientation tag), the tag dropped."""
+    return ImageOps.exif_transpose(im)
 
 
 def check_size(size: tuple[int, int], name: str = "image") -> None:

@@ -31,6 +31,7 @@ from dds.images import (
     save_png,
     tensor_to_pil,
     to_rgb,
+    upright,
 )
 from dds.loop import EditConfig, StepHook, StopSignal, edit_latents
 from dds.methods import get_method
@@ -49,18 +50,18 @@ def as_image(image) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise DDSError(f"image of type {type(image).__name__} is not supported; give a path or PIL image")
     check_size(image.size)
-    return to_rgb(image)
+    return to_rgb(upright(image))
 
 
 def check_prompts(source: str | None, target: str, method: str) -> None:
     if not isinstance(target, str) or not target.strip():
         raise DDSError(
-            "the target prompt is empty; describe the edited image with --target, "
-            "e.g. 'a photo of a lion'"
+            "the target prompt is empty; describe the edited image, e.g. 'a photo of a lion'"
         )
     if get_method(method).uses_source and (not isinstance(source, str) or not source.strip()):
         raise DDSError(
-            "the source prompt is empty; DDS needs a caption of the input image (--source)"
+            "the source prompt is empty; DDS needs a caption of the input image, e.g. "
+            "'a photo of a cat'"
         )
 
 

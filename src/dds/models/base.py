@@ -140,6 +140,8 @@ class Model(Protocol):
     denoiser                    the frozen denoiser module (read-only: copy it to change it)
     copy_denoiser(...)          a private copy (another dtype, or trainable for a trainer)
     eps_fn(module, call)        predict_eps through another copy of the denoiser
+    fast_denoiser(dtype, private)  the frozen denoiser for no-grad calls (shared or a copy)
+    attention_kernels(module)   attention implementations a copy runs
     """
 
     family: str
@@ -167,6 +169,18 @@ class Model(Protocol):
                       trainable: bool = False) -> torch.nn.Module: ...
 
     def eps_fn(self, module: torch.nn.Module, call: DenoiserCall | None = None) -> EpsFn: ...
+
+    def fast_denoiser(self, dtype: torch.dtype | None = None,
+                      private: bool = False) -> torch.nn.Module:
+        """The denoiser for frozen, no-grad calls in `dtype` (None: the model's own), with the
+        family's fastest exact kernels on (SD: torch's fused attention): the model's own module
+        when it already is that and `private` is False (shared: never change it), else a frozen
+        private copy."""
+        ...
+
+    def attention_kernels(self, module: torch.nn.Module) -> list[str]:
+        """Names of the attention implementations `module` (the denoiser or a copy) runs."""
+        ...
 
     def identity(self) -> dict: ...
 

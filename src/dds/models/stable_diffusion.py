@@ -103,6 +103,28 @@ def _eager_unet(unet, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     return unet(z_t, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
 
 
+def attention_processors(unet) -> list[str]:
+    """Names of the attention processors in a diffusers `unet`, deduplicated and sorted."""
+    procs = getattr(unet, "attn_processors", {})
+    return sorted({type(p).__name__ for p in procs.values()})
+
+
+def _plain_attention(unet) -> bool:
+    return "AttnProcessor" in attention_processors(unet)
+
+
+def use_fused_attention(unet) -> None:
+    """Swap diffusers' plain `AttnProcessor` for `AttnProcessor2_0`, which calls torch's fused
+    `scaled_dot_product_attention` (diffusers' default with torch >= 2, so this only changes a
+    UNet set to the plain one); other processors are left as they are."""
+    if not _plain_attention(unet):
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                             for name, p in unet.attn_processors.items()})
+
+
 def folder_hash(root: Path) -> str:
     """A short hash of a model folder's configs and weight-file sizes: which model and
     version made an output, without reading gigabytes of weights."""
@@ -226,7 +248,7 @@ class StableDiffusionModel:
 
     def predict_eps(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """(B,C,h,w), (B,), conditioning of B rows -> eps (B,C,h,w) float32."""
-        return self._predict(self.unet, self._traced_call, z_t, t, cond)
+        return self._predict(self.unet, self._unet_call, z_t, t, cond)
 
     # ---- named parts for the fast path and the trainers ---------------------------------
     @property
@@ -240,6 +262,23 @@ class StableDiffusionModel:
         if dtype is not None:
             unet = unet.to(dtype)
         return unet.train().requires_grad_(True) if trainable else unet
+
+    def fast_denoiser(self, dtype: torch.dtype | None = None,
+                      private: bool = False) -> torch.nn.Module:
+        """The UNet for frozen, no-grad calls in `dtype` (None: the model's), with torch's fused
+        attention: the model's own module when it already is that (shared: never change it),
+        else a frozen private copy (always a copy when `private`)."""
+        own = next(self.unet.parameters()).dtype
+        dtype = dtype or own
+        if not private and dtype == own and not _plain_attention(self.unet):
+            return self.unet
+        unet = self.copy_denoiser(dtype).eval().requires_grad_(False)
+        use_fused_attention(unet)
+        return unet
+
+    def attention_kernels(self, module: torch.nn.Module) -> list[str]:
+        """The attention processors `module` (the UNet or a copy of it) runs, for reports."""
+        return attention_processors(module)
 
     def eps_fn(self, module: torch.nn.Module, call: DenoiserCall | None = None) -> EpsFn:
         """`predict_eps` through `module` (a copy of the denoiser), called by `call`."""
@@ -267,6 +306,3 @@ class StableDiffusionModel:
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, z_t.float(), t, self.schedule)
         return out
-
-    def _traced_call(self, unet, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return self._unet_call(unet, z_t, t, cond.embeds)

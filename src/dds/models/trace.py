@@ -16,8 +16,9 @@ one edit (4 rows) as for a large evaluation batch (192 rows).  Each row is compu
 operators as before, alone or with the other rows of its chunk, so results agree with the
 unsplit call to float rounding (convolutions block differently by batch size).
 
-Used where the UNet is frozen and called without gradients: the backend's `predict_eps` and the
-fast editing path.  On CUDA the fast path compiles instead, so tracing is a CPU default only.
+Used where the UNet is frozen and called without gradients: the model's `predict_eps` and the
+fast editing path (a `TracedUNet` is a `dds.models.base.DenoiserCall`: module, z_t, t,
+conditioning).  On CUDA the fast path compiles instead, so tracing is a CPU default only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+from dds.models.base import Conditioning
 
 
 def _eager(unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
@@ -64,7 +67,9 @@ def row_chunks(n: int, k: int) -> list[slice]:
 
 
 class TracedUNet:
-    """`call(unet, x, t, emb)`: the UNet's output, through a per-shape trace when enabled.
+    """`call(unet, x, t, cond)`: the UNet's output, through a per-shape trace when enabled.
+
+    cond: a `Conditioning` of x's rows (its token embeddings are what a SD UNet reads).
 
     parallel: "auto" (on for CPU inputs when torch has >= 2 intra-op threads), True/False:
         split a traced call's rows into one chunk per thread (at most one per row), run the
@@ -84,7 +89,8 @@ class TracedUNet:
     def __len__(self) -> int:
         return len(self._traces)
 
-    def __call__(self, unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+    def __call__(self, unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        emb = cond.embeds
         if (not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.jit.is_tracing()):
             return _eager(unet, x, t, emb)
