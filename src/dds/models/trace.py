@@ -23,6 +23,7 @@ conditioning).  On CUDA the fast path compiles instead, so tracing is a CPU defa
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,14 @@ def row_chunks(n: int, k: int) -> list[slice]:
     return out
 
 
+# The row split changes torch's intra-op thread count for the length of one call and restores
+# it.  That count is process-wide: two calls at once (two edits in the web app) would read each
+# other's temporary value, chunk differently (different rounding) and could restore the wrong
+# count.  So a split call holds this lock: concurrent edits take turns call by call, and every
+# call sees the thread count the entry point set.
+_THREADS = threading.Lock()
+
+
 class TracedUNet:
     """`call(unet, x, t, cond)`: the UNet's output, through a per-shape trace when enabled.
 
@@ -95,6 +104,10 @@ class TracedUNet:
                 or torch.jit.is_tracing()):
             return _eager(unet, x, t, emb)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        with _THREADS:
+            return self._split_call(unet, x, t, emb)
+
+    def _split_call(self, unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         k = self.workers(x)
         chunks = [(x[c], t[c], emb[c]) for c in row_chunks(x.shape[0], k)]
         calls = [self._trace_for(unet, *a) for a in chunks]  # built here, one thread at a time
