@@ -195,7 +195,7 @@ def test_bad_arguments(tiny_sd, photo, tmp_path, capsys, argv, needle):
 def test_long_prompt_warns_and_runs(tiny_sd, photo, tmp_path, capsys):
     code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a", "--target", "cat " * 90,
                                        "--out", tmp_path / "o.png"))
-    assert code == 0 and "warning" in err and "more than the text encoder's 77" in err
+    assert code == 0 and "note: " in err and "text encoder reads the first 77" in err
 
 
 def test_model_missing_component(tiny_sd, photo, tmp_path, capsys):

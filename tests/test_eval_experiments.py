@@ -11,9 +11,11 @@ import torch
 
 from dds.errors import DDSError
 from dds.eval.experiments import EXPERIMENTS, Context, run_experiment
-from dds.eval.experiments.common import Parts, derangement
+from dds.eval.experiments.common import derangement
 from dds.eval.experiments.editing import dominated_share, pareto
 from dds.eval.experiments.score_stats import cosine_unit, norms_unit
+from dds.eval.runner import Runner
+from dds.models.base import NoiseSchedule
 from dds.score import alpha_sigma
 
 
@@ -27,14 +29,14 @@ class PointMassBackend:
     def __init__(self, shape):
         self.shape = shape
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.schedule = NoiseSchedule(torch.cumprod(1 - betas, 0))
 
-    def uncond_embedding(self):
+    def uncond(self):
         return torch.zeros(1, 1, int(np.prod(self.shape)))
 
     def predict_eps(self, z_t, t, emb):
         mu = emb.reshape(z_t.shape)
-        a, s = alpha_sigma(self.alphas_cumprod, t)
+        a, s = alpha_sigma(self.schedule, t)
         return (z_t - a.view(-1, 1, 1, 1) * mu) / s.view(-1, 1, 1, 1)
 
 
@@ -50,7 +52,7 @@ def test_norms_closed_form_aligned_zero_unaligned_known():
     t = 400
     r = norms_unit(b, z, _emb(z), _emb(z[perm]), t, n_noise=3, guidance=1.0,
                    gen=torch.Generator().manual_seed(1), chunk_rows=4)
-    a, s = alpha_sigma(b.alphas_cumprod, torch.tensor([t]))
+    a, s = alpha_sigma(b.schedule, torch.tensor([t]))
     expect = (a / s) * (z - z[perm]).flatten(1).norm(dim=1)
     assert np.allclose(r["aligned"], 0, atol=1e-4)
     assert np.allclose(r["unaligned"], expect.numpy(), rtol=1e-4)
@@ -76,13 +78,35 @@ def test_pareto_and_domination():
     assert dominated_share(pts[2:3], pts[3:]) == 1.0
 
 
-def test_parts_refuse_other_settings(tmp_path):
-    p = Parts(tmp_path, {"a": 1})
-    assert p.get("u", lambda: {"x": [1.5]}) == {"x": [1.5]} and p.computed == 1
-    p2 = Parts(tmp_path, {"a": 1})
-    assert p2.get("u", lambda: pytest.fail("recomputed")) == {"x": [1.5]} and p2.reused == 1
+def test_runner_keeps_units_and_refuses_other_settings(tmp_path):
+    p = Runner(tmp_path, {"a": 1})
+    assert p.unit("u", lambda: {"x": [1.5]}) == {"x": [1.5]} and p.computed == 1
+    p2 = Runner(tmp_path, {"a": 1})
+    seen = []
+    assert p2.unit("u", lambda: pytest.fail("recomputed"), lambda: seen.append(1)) == {"x": [1.5]}
+    assert p2.reused == 1 and seen == [1]
     with pytest.raises(DDSError, match="other settings"):
-        Parts(tmp_path, {"a": 2})
+        Runner(tmp_path, {"a": 2})
+
+
+def test_runner_batches_join_units_and_resume(tmp_path):
+    calls = []
+
+    def compute(sl):
+        calls.append(sl.start)
+        return {"v": np.arange(sl.start, sl.stop, dtype=np.float32) / 3}
+
+    from dds.eval.runner import batches
+
+    r = Runner(tmp_path, {})
+    first = r.batches(("m", 0.5), batches(5, 2), compute)
+    assert sorted(p.name for p in r.dir.glob("m-*")) == ["m-0.5-b-0.json", "m-0.5-b-1.json",
+                                                        "m-0.5-b-2.json"]
+    (r.dir / "m-0.5-b-1.json").unlink()
+    again = Runner(tmp_path, {}).batches(("m", 0.5), batches(5, 2), compute)
+    assert calls == [0, 2, 4, 2]  # only the lost unit is recomputed
+    assert np.array_equal(first["v"], again["v"])
+    assert np.array_equal(first["v"], (np.arange(5, dtype=np.float32) / 3).astype(float))
 
 
 class FakeJudge:
@@ -92,8 +116,8 @@ class FakeJudge:
         return images.mean((1, 2, 3)).numpy() > 0.45
 
 
-def _ctx(backend, out, **kw):
-    return Context(backend=backend, out=out, quick=True, quiet=True, judge=FakeJudge(), **kw)
+def _ctx(model, out, **kw):
+    return Context(model=model, out=out, quick=True, quiet=True, judge=FakeJudge(), **kw)
 
 
 def _tables(out, slug):
@@ -146,16 +170,16 @@ class RedrawingBar:
 
 
 def test_sweep_edit_runs_every_step_while_its_bar_redraws(tiny_backend, tmp_path):
-    from dds.loop import edit_latents
     from dds.eval.experiments.editing import run_method
     from dds.eval.world_edits import decode01
+    from dds.loop import edit_latents
 
     ctx = _ctx(tiny_backend, tmp_path)
     es = ctx.editset(1)  # one edit per kind
     bar = RedrawingBar()
     out = run_method(ctx, es, "dds", 7.5, slice(0, 3), {"steps": 4}, bar)
     assert bar.n == 3 * 4  # every step of every edit ran
-    full = edit_latents(tiny_backend, es.z_hat[:3], es.emb_source[:3], es.emb_target[:3],
+    full = edit_latents(tiny_backend, es.z_hat[:3], es.cond_source[:3], es.cond_target[:3],
                         ctx.edit_cfg(method="dds", guidance=7.5, steps=4), seeds=[0, 1, 2])
     assert torch.allclose(out, decode01(tiny_backend, full), atol=1e-6)
 
@@ -169,12 +193,21 @@ def test_guidance_sweep_quick(tiny_backend, tmp_path):
     _, rec = _tables(out, "guidance_sweep")
     methods = {(r["method"], r["value"]) for r in rec["rows"]}
     assert methods == {("dds", 1), ("dds", 7.5), ("dds", 25), ("sds", 1), ("sds", 7.5),
-                       ("sds", 25), ("sdedit", 0.5), ("ddim-inversion", 3)}
+                       ("sds", 25), ("sdedit", 0.5), ("ddim-inversion", 3), ("no-edit", None),
+                       ("round-trip", None)}
     allr = [r for r in rec["rows"] if r["kind"] == "all"]
+    floor = {r["method"]: r for r in allr if r["value"] is None}
+    assert floor["no-edit"]["psnr_out"] == pytest.approx(100.0)  # the source itself: capped
+    assert floor["no-edit"]["ssim_out"] == pytest.approx(1.0, abs=1e-6)
+    assert floor["round-trip"]["psnr_out"] < 100.0
+    assert s["floors"]["no-edit"]["psnr_out"] == pytest.approx(100.0)
+    report = (out / "report.md").read_text()
+    assert "| no edit |" in report and "| autoencoder round trip |" in report
     assert all(r["n"] == 3 and 0 <= r["success"] <= 1 and np.isfinite(r["psnr_out"]) for r in allr)
     assert isinstance(s["frontier_reproduces"], bool) and s["guidance_reproduces"] in (True, False)
     assert (out / "guidance_sweep.png").is_file() and (out / "guidance_sweep_quality.png").is_file()
     assert len(list((out / "parts").glob("*-b-0.json"))) == 8
+    assert len(list((out / "parts").glob("floor-*-rows-0.json"))) == 2
 
 
 @pytest.mark.slow  # as above
@@ -191,19 +224,22 @@ def test_drift_and_convergence_quick(tiny_backend, tmp_path):
     _, rec = _tables(out, "convergence")
     assert [r["steps"] for r in rec["rows"]] == [0, 1, 3]
     assert s["quality_metric"] == "psnr_gt" and (out / "convergence.png").is_file()
+    # the round trip floor is the source latent decoded: convergence's step 0
+    assert s["floors"]["round-trip"]["psnr_gt"] == pytest.approx(rec["rows"][0]["psnr_gt"])
 
 
 def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):
     """Convergence reads every step count off one long run: the state after k steps of a long
     run equals a k-step run."""
-    from dds.pipeline import edit_config
     from dds.loop import edit_latents
+    from dds.pipeline import edit_config
 
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     emb = tiny_backend.encode_prompt(["a red circle", "a blue circle"])
     seen = {}
     cfg = edit_config(tiny_backend, steps=3, seed=0)
-    edit_latents(tiny_backend, z, emb[:1], emb[1:], cfg, callback=lambda s, zz, n: seen.update({s: zz.clone()}))
+    edit_latents(tiny_backend, z, emb[:1], emb[1:], cfg,
+                 on_step=lambda info: seen.update({info.step: info.z.clone()}))
     short = edit_latents(tiny_backend, z, emb[:1], emb[1:], cfg.with_(steps=2))
     assert torch.allclose(seen[2], short, atol=1e-6)
 
@@ -244,15 +280,123 @@ def test_presets_cover_the_paper():
 
 
 def test_cli_help_and_errors(capsys):
-    import argparse
-
-    from dds.eval.cli import add_parser
-
-    parser = argparse.ArgumentParser(prog="dds")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    parser = _eval_parser()
     args = parser.parse_args(["eval", "drift", "--quick", "--out", "x", "--seed", "3"])
     assert args.experiment == "drift" and args.quick and args.seed == 3
     assert parser.parse_args(["eval", "all"]).experiment == "all"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "bogus"])
+
+
+def test_floors_no_edit_scores_the_source_itself(tiny_backend):
+    """'no edit' is the source scored as the output: full preservation (PSNR capped at 100 dB,
+    SSIM 1) and no success; 'autoencoder round trip' is decode(encode(source)) scored."""
+    from dds.eval.floors import measure_floors
+    from dds.eval.runner import MemoryRunner, batches
+    from dds.eval.world_edits import decode01, held_out_edits, images_of, prepare, score
+    from dds.world import Judge
+
+    edits = held_out_edits(2)
+    judge = Judge.load()
+    src = images_of([e.source for e in edits])
+    p = prepare(tiny_backend, edits)
+    f = measure_floors(MemoryRunner(), tiny_backend, src, p.z_hat,
+                       lambda x, sl: score(x, edits[sl], judge), batches(len(edits), 4))
+    none, trip = f["no-edit"], f["round-trip"]
+    assert none["success"].tolist() == [0.0] * len(edits)  # the judge reads the old value
+    assert np.allclose(none["psnr_out"], 100.0) and np.allclose(none["ssim_out"], 1.0, atol=1e-6)
+    for k, v in score(src, edits, judge).items():
+        assert np.allclose(none[k], v), k
+    for k, v in score(decode01(tiny_backend, p.z_hat), edits, judge).items():
+        assert np.allclose(trip[k], v, atol=1e-5), k
+    assert np.all(trip["psnr_out"] < 100.0)
+
+
+def test_editing_table_shows_the_floors_and_marks_the_best_method():
+    from dds.eval.builtin_quality import editing_table
+
+    def row(success, psnr_out):
+        return {"success": success, "psnr_gt": 20.0, "psnr_out": psnr_out, "ssim_out": 0.5, "n": 2}
+
+    editing = {"dds": {"all": row(0.5, 30.0)}, "sds": {"all": row(1.0, 20.0)},
+               "no-edit": {"all": row(0.0, 100.0)}, "round-trip": {"all": row(0.0, 35.0)}}
+    lines = editing_table(editing).splitlines()
+    assert lines[2] == "| all (n=2) | DDS | 50.0% | **20.00** | **30.00** | **0.500** |"
+    assert lines[3] == "| all (n=2) | SDS | **100.0%** | **20.00** | 20.00 | **0.500** |"
+    assert lines[4] == "| all (n=2) | no edit | 0.0% | 20.00 | 100.00 | 0.500 |"
+    assert lines[5] == "| all (n=2) | autoencoder round trip | 0.0% | 20.00 | 35.00 | 0.500 |"
+
+
+def test_seeds_are_named_once_with_their_values():
+    """The held-out and validation seeds keep their values: the same scenes as before."""
+    import inspect
+
+    from dds.eval import seeds
+    from dds.eval.builtin_quality import eval_editing, eval_generation, eval_vae
+    from dds.eval.experiments.common import world_scenes
+    from dds.eval.world_edits import held_out_edits
+    from dds.translate.data import parse_task
+    from dds.translate.evaluate import world_task_edits
+    from dds.world import caption
+
+    assert (seeds.HELD_OUT_SEED, seeds.VALIDATION_SEED, seeds.TRANSLATION_TEST_SEED) == (
+        10_000, 20_000, 20_000)
+    for fn in (eval_editing, eval_generation, eval_vae, held_out_edits):
+        assert inspect.signature(fn).parameters["seed"].default == 10_000
+    assert held_out_edits(1)[0].source_caption == "an orange square over a blue background"
+    assert held_out_edits(1)[2].target_caption == ("a yellow background with a pink cross and "
+                                                   "a purple triangle")
+    assert held_out_edits(1, seed=seeds.VALIDATION_SEED)[1].target_caption == (
+        "a green background with a purple star")
+    assert caption(world_scenes(2, 0)[1]) == "a white triangle on a yellow dotted background"
+    assert derangement(5, 0).tolist() == [2, 3, 4, 0, 1]
+    assert world_task_edits(parse_task("circle:square"), 2)[1].source_caption == (
+        "a white square and an orange circle on a blue gradient background")
+
+
+def _eval_parser():
+    import argparse
+
+    from dds.eval.cli import add_parser
+
+    parser = argparse.ArgumentParser(prog="dds")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_builtin_defaults_write_needs_a_named_folder(tmp_path):
+    """--write never falls back to the built-in model's folder inside the package."""
+    from dds.eval.cli import _defaults_target
+
+    parse = _eval_parser().parse_args
+    args = parse(["eval", "builtin-defaults", "--quick", "--write"])
+    assert args.write == ""
+    with pytest.raises(DDSError, match="--write needs a folder"):
+        args.func(args)  # refused before any model is loaded
+    args = parse(["eval", "builtin-defaults", "--write", str(tmp_path / "missing")])
+    with pytest.raises(DDSError, match="is not a folder"):
+        args.func(args)
+    assert _defaults_target(parse(["eval", "builtin-defaults", "--write", str(tmp_path)])) == tmp_path
+    assert _defaults_target(parse(["eval", "builtin-defaults", "--write",
+                                   "--model", str(tmp_path)])) == tmp_path
+    assert _defaults_target(parse(["eval", "builtin-defaults"])) is None
+
+
+def test_plots_leave_the_process_matplotlib_state_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, matplotlib\n"
+        "before = dict.__getitem__(matplotlib.rcParams, 'backend')\n"
+        "import dds, dds.eval.plots as plots\n"
+        f"plots.band_lines({str(tmp_path / 'a.png')!r}, [1, 2], {{'x': ([1, 2], [0.1, 0.1])}},"
+        " 'x', 'y', 't')\n"
+        "print('matplotlib.pyplot' in sys.modules, "
+        "dict.__getitem__(matplotlib.rcParams, 'backend') == before)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MPLBACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

@@ -137,3 +137,53 @@ def test_load_clip_from_folder_and_missing(tiny_clip, tmp_path):
         load_clip(None)
     with pytest.raises(DDSError, match="config.json"):
         load_clip(tmp_path)
+
+
+def test_registry_direction_drives_tables_and_the_frontier():
+    """A metric registered once is read everywhere: its function scores, its direction decides
+    the best cell of a table, the arrow of its column and the sign on the frontier."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dds.eval.experiments.editing import _points
+    from dds.eval.metrics import (
+        METRICS,
+        Metric,
+        References,
+        get_metric,
+        register_metric,
+        score_outputs,
+    )
+    from dds.eval.report import metric_table
+
+    assert get_metric("lpips").higher_is_better is False
+    assert all(get_metric(k).higher_is_better for k in ("success", "psnr_gt", "psnr_out", "ssim_out"))
+    with pytest.raises(ValueError, match="twice"):
+        register_metric(METRICS["psnr_out"])
+    with pytest.raises(DDSError, match="unknown metric"):
+        get_metric("nope")
+    register_metric(Metric("toy_err", lambda x, r: (x - r.source).abs().flatten(1).mean(1).numpy(),
+                           False, "toy error", "toy", ".1f"))
+    try:
+        x = torch.ones(2, 3, 4, 4) * torch.tensor([0.5, 1.0]).view(2, 1, 1, 1)
+        v = score_outputs(x, References(source=torch.zeros(2, 3, 4, 4)), ("toy_err",))
+        assert v["toy_err"].tolist() == [0.5, 1.0]
+        t = metric_table([(("x",), {"toy_err": 0.5}), (("y",), {"toy_err": 1.0}),
+                          (("no edit",), {"toy_err": 0.0})], ["m"], ["toy_err"],
+                         unranked={"no edit"}).splitlines()
+        assert t[0] == "| m | toy ↓ |"
+        assert t[2:] == ["| x | **0.5** |", "| y | 1.0 |", "| no edit | 0.0 |"]
+        es = SimpleNamespace(preservation="toy_err", fidelity="success")
+        pts = _points(es, [{"method": "dds", "toy_err": 0.5, "success": 1.0}])
+        assert np.array_equal(pts["dds"], [[-0.5, 1.0]])  # lower error = further right
+    finally:
+        METRICS.pop("toy_err")
+
+
+def test_references_slice_every_row_field():
+    from dds.eval.metrics import References
+
+    r = References(source=torch.arange(4.0), targets=["a", "b", "c", "d"], clip=("m", "t"))
+    s = r[1:3]
+    assert s.source.tolist() == [1.0, 2.0] and s.targets == ["b", "c"] and s.clip == ("m", "t")

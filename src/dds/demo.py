@@ -9,67 +9,53 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from dds.images import save_png
 
 KINDS = ("object_color", "object_shape", "background_color")
 
 
-def grid_image(rows: list[list[np.ndarray]], header: list[str], labels: list[str],
-               scale: int = 3) -> Image.Image:
-    """A labelled grid of (H,W,3) float images in [0,1], each upscaled `scale` times."""
-    h, w = rows[0][0].shape[:2]
-    cw, ch = w * scale, h * scale
-    left, top, pad = 8, 22, 4
-    text_h = 14
-    W = left + len(header) * (cw + pad)
-    H = top + len(rows) * (ch + text_h + pad)
-    canvas = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(header):
-        draw.text((left + j * (cw + pad), 4), name, fill="black")
-    for i, row in enumerate(rows):
-        y = top + i * (ch + text_h + pad)
-        draw.text((left, y), labels[i], fill="black")
-        for j, img in enumerate(row):
-            a = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-            tile = Image.fromarray(a).resize((cw, ch), Image.Resampling.NEAREST)
-            canvas.paste(tile, (left + j * (cw + pad), y + text_h))
-    return canvas
-
-
 def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps: int | None = None,
              quiet: bool = False) -> dict:
-    from dds.pipeline import edit_config, get_model
-    from dds.eval.world_edits import prepare, run_zero_shot, score, summarise
+    from dds.eval.floors import measure_floors
+    from dds.eval.plots import grid_image
+    from dds.eval.runner import open_runner
+    from dds.eval.seeds import DEMO_STREAM
+    from dds.eval.world_edits import images_of, prepare, run_zero_shot, score, summarise
+    from dds.methods import METHODS
+    from dds.models import get_model
+    from dds.pipeline import edit_config
     from dds.world import Judge, render, sample_edit
 
-    backend = get_model(model)
+    model = get_model(model)
     judge = Judge.load()
     edits = []
     for k, kind in enumerate(KINDS):
-        rng = np.random.default_rng([seed, 77, k])
+        rng = np.random.default_rng([seed, DEMO_STREAM, k])
         edits += [sample_edit(rng, kind) for _ in range(per_kind)]
-    prepared = prepare(backend, edits)
+    prepared = prepare(model, edits)
     results, figures = {}, {}
-    for method in ("dds", "sds"):
-        cfg = edit_config(backend, method=method, steps=steps, seed=seed)
-        results[method] = run_zero_shot(backend, edits, cfg, prepared=prepared,
+    for method in METHODS:
+        cfg = edit_config(model, method=method, steps=steps, seed=seed)
+        results[method] = run_zero_shot(model, edits, cfg, prepared=prepared,
                                         desc=f"{method.upper()} on {len(edits)} edits", quiet=quiet)
         figures[method] = summarise(score(results[method], edits, judge), edits)
+    floors = measure_floors(open_runner(None, {}), model, images_of([e.source for e in edits]),
+                            prepared.z_hat, lambda x, sl: score(x, edits[sl], judge),
+                            [slice(0, len(edits))])
+    figures.update({name: summarise(m, edits) for name, m in floors.items()})
     rows, labels = [], []
     for i, e in enumerate(edits):
         to_np = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
-        rows.append([render(e.source), to_np(results["dds"][i]), to_np(results["sds"][i]),
+        rows.append([render(e.source), *(to_np(results[m][i]) for m in METHODS),
                      render(e.target)])
         labels.append(f"{e.old_value} -> {e.new_value}")
-    grid = grid_image(rows, ["source", "DDS", "SDS", "ground truth"], labels)
+    grid = grid_image(rows, ["source", *(m.upper() for m in METHODS), "ground truth"], labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_png(grid, out_dir / "demo.png")
     report = {
         "seed": seed,
-        "config": json.loads(edit_config(backend, steps=steps, seed=seed).to_json()),
+        "config": json.loads(edit_config(model, steps=steps, seed=seed).to_json()),
         "edits": [{"source": e.source_caption, "target": e.target_caption} for e in edits],
         "figures": figures,
     }
@@ -78,14 +64,10 @@ def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps:
 
 
 def print_figures(report: dict, file=sys.stdout) -> None:
-    figs = report["figures"]
-    print(f"{'kind':<18}{'method':<8}{'success':>9}{'PSNR gt':>9}{'PSNR out':>10}{'SSIM out':>10}",
-          file=file)
-    for kind in figs["dds"]:
-        for m in ("dds", "sds"):
-            f = figs[m][kind]
-            print(f"{kind:<18}{m.upper():<8}{f['success']:>9.2f}{f['psnr_gt']:>9.2f}"
-                  f"{f['psnr_out']:>10.2f}{f['ssim_out']:>10.3f}", file=file)
+    """The figures as a table: per edit kind, each method, then the two floors."""
+    from dds.eval.builtin_quality import editing_table
+
+    print(editing_table(report["figures"]), file=file, end="")
 
 
 def cmd_demo(args) -> int:

@@ -151,7 +151,7 @@ class EditPipeline:
         size = self.check_size(request.size)
         original = as_image(request.image)
         im = prepare(original, size, crop=request.crop)
-        notes = []
+        notes = self.prompt_notes(request.source, request.target)
         change = aspect_change(original.size if not request.crop else (1, 1), im.size)
         if change > ASPECT_NOTE:
             notes.append(f"the working size {im.size[0]}x{im.size[1]} changes the image's aspect "
@@ -159,6 +159,18 @@ class EditPipeline:
                          "or choose another size to keep it closer")
         return PreparedEdit(request, im, cfg, (request.source or "").strip(),
                             request.target.strip(), tuple(notes))
+
+    def prompt_notes(self, source: str | None, target: str) -> list[str]:
+        """A note for each prompt longer than the text encoder reads (its end is ignored)."""
+        notes = []
+        for name, text in (("source", source), ("target", target)):
+            if text and text.strip():
+                n, limit = self.model.prompt_length(text.strip())
+                if n > limit:
+                    notes.append(f"the {name} prompt has {n} tokens and the text encoder reads "
+                                 f"the first {limit}; the end ('...{text.strip()[-30:]}') is "
+                                 "ignored: shorten it")
+        return notes
 
     def check_size(self, size) -> int:
         """The working long side: the model's native one by default, else within the range."""

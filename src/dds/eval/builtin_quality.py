@@ -5,7 +5,8 @@
 - autoencoder: reconstruction PSNR on held-out scenes;
 - editing: one-attribute edits (object colour, object shape, background colour) on held-out
   scenes, DDS and SDS at the model's editing defaults, scored by judge success, PSNR to the
-  exact ground-truth re-render and PSNR/SSIM to the source outside the edited region;
+  exact ground-truth re-render and PSNR/SSIM to the source outside the edited region, beside
+  the two floors (no edit, autoencoder round trip);
 - defaults: the small sweep (on validation scenes, disjoint from the test scenes) from which the
   model's `dds_edit_defaults.json` is chosen.
 """
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dds.atomic import atomic_write_text
-from dds.loop import EditConfig
-from dds.eval.metrics import psnr
+from dds.eval.floors import FLOOR_LABELS, measure_floors
+from dds.eval.metrics import WORLD_METRICS, psnr
+from dds.eval.report import metric_table, write_atomic
+from dds.eval.runner import Runner, batches, open_runner
+from dds.eval.seeds import GENERATION_STREAM, HELD_OUT_SEED, VAE_STREAM, VALIDATION_SEED
 from dds.eval.world_edits import (
-    HELD_OUT_SEED,
     Prepared,
     decode01,
     held_out_edits,
@@ -33,11 +35,11 @@ from dds.eval.world_edits import (
     score,
     summarise,
 )
+from dds.loop import EditConfig
+from dds.methods import METHODS
 from dds.progress import progress_bar
 from dds.sampling import generate
 from dds.world import caption, parse_caption, sample_scene
-
-VALIDATION_SEED = 20_000  # edits used to choose the defaults; never the test edits
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,10 @@ def attribute_agreement(pred: dict, wanted: dict) -> dict[str, bool | None]:
             "texture": None if wanted["texture"] is None else pred["texture"] == wanted["texture"]}
 
 
-def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
+def eval_generation(model, judge, n: int, n_objects: int, steps: int = 50,
                     guidance: float = 7.5, seed: int = HELD_OUT_SEED, batch_size: int = 50,
                     quiet: bool = False) -> dict:
-    rng = np.random.default_rng([seed, 1, n_objects])
+    rng = np.random.default_rng([seed, GENERATION_STREAM, n_objects])
     prompts = [caption(sample_scene(rng, n_objects=n_objects)) for _ in range(n)]
     agree = []
     per_attr = {"objects": [], "object_shape": [], "object_color": [], "background": [],
@@ -87,8 +89,8 @@ def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
     images = []
     for i in range(0, n, batch_size):
         chunk = prompts[i:i + batch_size]
-        z = generate(backend, backend.encode_prompt(chunk), guidance, steps, seed=seed + i)
-        x = decode01(backend, z)
+        z = generate(model, model.encode_prompt(chunk), guidance, steps, seed=seed + i)
+        x = decode01(model, z)
         images.append(x)
         for p, text in zip(judge.predict(x), chunk, strict=True):
             w = parse_caption(text)
@@ -103,14 +105,14 @@ def eval_generation(backend, judge, n: int, n_objects: int, steps: int = 50,
             "samples": torch.cat(images)[:16]}
 
 
-def eval_vae(backend, n: int, seed: int = HELD_OUT_SEED, judge=None) -> dict:
+def eval_vae(model, n: int, seed: int = HELD_OUT_SEED, judge=None) -> dict:
     """PSNR of the autoencoder's reconstructions of `n` held-out scenes and, with a judge, its
     accuracy per attribute on them: the most a generation or an edit can show, since every
     image the model makes passes through the same decoder."""
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, VAE_STREAM])
     scenes = [sample_scene(rng) for _ in range(n)]
     x = images_of(scenes)
-    rec = torch.cat([decode01(backend, backend.encode(x[i:i + 64] * 2 - 1))
+    rec = torch.cat([decode01(model, model.encode(x[i:i + 64] * 2 - 1))
                      for i in range(0, n, 64)])
     p = psnr(rec, x).numpy()
     out = {"n": n, "psnr_mean": float(p.mean()), "psnr_min": float(p.min()),
@@ -121,67 +123,73 @@ def eval_vae(backend, n: int, seed: int = HELD_OUT_SEED, judge=None) -> dict:
     return out
 
 
-def eval_editing(backend, judge, cfg: EditConfig, per_kind: int, batch_size: int = 50,
+def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int = 50,
                  seed: int = HELD_OUT_SEED, quiet: bool = False,
                  parts_dir: Path | None = None) -> dict:
-    """DDS and SDS on `per_kind` held-out edits of each kind, scored against the exact truth.
+    """Every guidance method (DDS, SDS) on `per_kind` held-out edits of each kind, and the two
+    floors, scored against the exact truth: {method or floor: {kind: means}}.
 
     With `parts_dir`, each batch's per-edit metrics are kept in `parts_dir/parts/` as it
     finishes, so an interrupted run resumes at the first missing batch (edit i is seeded
     cfg.seed + i either way, so a resumed run gives the same numbers)."""
-    from dds.eval.experiments.common import Parts, unit_key
-
     edits = held_out_edits(per_kind, seed=seed)
-    parts = None if parts_dir is None else Parts(parts_dir, {
+    runner = open_runner(parts_dir, {
         "edit_config": json.loads(cfg.to_json()), "per_kind": per_kind, "seed": seed,
         "batch_size": batch_size})
     prepared = None
+
+    def prep() -> Prepared:  # only when a unit is computed: a resumed run needs no model
+        nonlocal prepared
+        prepared = prepared or prepare(model, edits)
+        return prepared
+
+    def run(sl: slice, c: EditConfig) -> dict:
+        p = prep()
+        p = Prepared(p.z_hat[sl], p.cond_source[sl], p.cond_target[sl])
+        images = run_zero_shot(
+            model, edits[sl], c.with_(seed=c.seed + sl.start), batch_size=batch_size, prepared=p,
+            quiet=quiet, desc=f"{c.method.upper()} edits {sl.start + 1}-{sl.stop} of {len(edits)}")
+        return score(images, edits[sl], judge)
+
+    slices = batches(len(edits), batch_size)
     out = {}
-    for method in ("dds", "sds"):
+    for method in METHODS:
         c = cfg.with_(method=method)
-        chunks = []
-        for i in range(0, len(edits), batch_size):
-            sl = slice(i, i + batch_size)
-
-            def run(sl=sl, i=i, c=c, method=method):
-                nonlocal prepared
-                prepared = prepared or prepare(backend, edits)
-                p = Prepared(prepared.z_hat[sl], prepared.emb_source[sl],
-                             prepared.emb_target[sl])
-                images = run_zero_shot(
-                    backend, edits[sl], c.with_(seed=c.seed + i), batch_size=batch_size,
-                    prepared=p, quiet=quiet,
-                    desc=f"{method.upper()} edits {i + 1}-{i + len(edits[sl])} of {len(edits)}")
-                return score(images, edits[sl], judge)
-
-            m = run() if parts is None else parts.get(unit_key(method, "b", i), run)
-            chunks.append({k: np.asarray(v, dtype=float) for k, v in m.items()})
-        metrics = {k: np.concatenate([ch[k] for ch in chunks]) for k in chunks[0]}
+        metrics = runner.batches((method,), slices, lambda sl, c=c: run(sl, c), name_by_start=True)
         out[method] = summarise(metrics, edits)
+    floors = measure_floors(runner, model, images_of([e.source for e in edits]),
+                            lambda: prep().z_hat, lambda x, sl: score(x, edits[sl], judge),
+                            slices, name_by_start=True)
+    out.update({name: summarise(m, edits) for name, m in floors.items()})
     return out
 
 
-def choose_defaults(backend, judge, lrs=(0.03, 0.1, 0.2, 0.4), guidances=(3.0, 7.5, 15.0),
+def choose_defaults(model, judge, lrs=(0.03, 0.1, 0.2, 0.4), guidances=(3.0, 7.5, 15.0),
                     steps: int = 200, per_kind: int = 8, quiet: bool = False) -> dict:
     """Sweep lr x guidance on validation edits; pick the best success over all of them, then
-    the best PSNR to the truth among settings within one edit of that success.
+    the best PSNR to the truth among settings within one edit of that success.  The two floors
+    (no edit, autoencoder round trip) on the same edits are reported beside the rows.
 
     (The worst kind's success is reported but not used: when one kind fails at every setting
     it ties every row at zero and the choice would fall to PSNR alone.)"""
     edits = held_out_edits(per_kind, seed=VALIDATION_SEED)
-    prepared = prepare(backend, edits)
+    prepared = prepare(model, edits)
     rows = []
     for lr in lrs:
         for w in guidances:
             cfg = EditConfig(lr=lr, guidance=w, steps=steps)
-            images = run_zero_shot(backend, edits, cfg, batch_size=len(edits), prepared=prepared,
+            images = run_zero_shot(model, edits, cfg, batch_size=len(edits), prepared=prepared,
                                    desc=f"lr {lr} guidance {w}", quiet=quiet)
             s = summarise(score(images, edits, judge), edits)
             kinds = {k: v["success"] for k, v in s.items() if k != "all"}
             rows.append({"lr": lr, "guidance": w, **s["all"], "kind_success": kinds,
                          "min_kind_success": min(kinds.values())})
     best = pick_defaults(rows, len(edits))
-    return {"rows": rows, "best": {"lr": best["lr"], "guidance": best["guidance"]}}
+    floors = measure_floors(open_runner(None, {}), model, images_of([e.source for e in edits]),
+                            prepared.z_hat, lambda x, sl: score(x, edits[sl], judge),
+                            [slice(0, len(edits))])
+    return {"rows": rows, "best": {"lr": best["lr"], "guidance": best["guidance"]},
+            "floors": {name: summarise(m, edits)["all"] for name, m in floors.items()}}
 
 
 def pick_defaults(rows: list[dict], n_edits: int) -> dict:
@@ -191,46 +199,55 @@ def pick_defaults(rows: list[dict], n_edits: int) -> dict:
     return max(near, key=lambda r: r["psnr_gt"])
 
 
-def run_quality(backend, judge, out_dir: Path, preset: QualityPreset = FULL,
-                quiet: bool = False) -> dict:
-    """All of the built-in model's figures into `out_dir` (report.json, report.md, samples)."""
-    from dds.demo import grid_image
+def _with_samples(fn, png: Path):
+    """fn() -> a dict; its 'samples' (N,3,H,W) in [0,1] are taken out and saved as a grid."""
+    from dds.eval.plots import grid_image
     from dds.images import save_png
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parts = out_dir / "parts"
-    parts.mkdir(exist_ok=True)
-
-    def cached(name, fn):
-        f = parts / f"{name}.json"
-        if f.exists():
-            return json.loads(f.read_text())
+    def compute():
         value = fn()
-        samples = value.pop("samples", None) if isinstance(value, dict) else None
+        samples = value.pop("samples", None)
         if samples is not None:
             tiles = [s.permute(1, 2, 0).numpy() for s in samples]
             rows = [tiles[i:i + 8] for i in range(0, len(tiles), 8)]
-            save_png(grid_image(rows, [""] * 8, [""] * len(rows), scale=2),
-                     out_dir / f"{name}.png")
-        atomic_write_text(f, json.dumps(value))
+            save_png(grid_image(rows, [""] * 8, [""] * len(rows), scale=2), png)
         return value
 
-    cfg = EditConfig().with_(**backend.edit_defaults)
+    return compute
+
+
+def run_quality(model, judge, out_dir: Path, preset: QualityPreset = FULL,
+                quiet: bool = False) -> dict:
+    """All of the built-in model's figures into `out_dir` (report.json, report.md, samples).
+
+    Each measurement is a unit of one resumable runner (OUT/parts/), the editing one per batch
+    (OUT/parts/editing/parts/); the report is written from the units' results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = EditConfig().with_(**model.edit_defaults)
+    runner = Runner(out_dir, {"preset": preset.__dict__, "edit_config": json.loads(cfg.to_json()),
+                              "model": getattr(model, "label", None)})
     report = {
         "preset": preset.__dict__,
         "edit_config": json.loads(cfg.to_json()),
-        "vae": cached("vae", lambda: eval_vae(backend, preset.vae_images, judge=judge)),
-        "generation_single": cached("generation_single", lambda: eval_generation(
-            backend, judge, preset.gen_single, 1, preset.gen_steps, quiet=quiet)),
-        "generation_double": cached("generation_double", lambda: eval_generation(
-            backend, judge, preset.gen_double, 2, preset.gen_steps, quiet=quiet)),
-        "editing": cached("editing", lambda: eval_editing(
-            backend, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet,
-            parts_dir=parts / "editing")),
+        "vae": runner.unit("vae", lambda: eval_vae(model, preset.vae_images, judge=judge)),
+        "generation_single": runner.unit("generation_single", _with_samples(
+            lambda: eval_generation(model, judge, preset.gen_single, 1, preset.gen_steps,
+                                    quiet=quiet), out_dir / "generation_single.png")),
+        "generation_double": runner.unit("generation_double", _with_samples(
+            lambda: eval_generation(model, judge, preset.gen_double, 2, preset.gen_steps,
+                                    quiet=quiet), out_dir / "generation_double.png")),
+        "editing": runner.unit("editing", lambda: eval_editing(
+            model, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet,
+            parts_dir=runner.dir / "editing")),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(quality_markdown(report))
+    write_quality_report(out_dir, report)
     return report
+
+
+def write_quality_report(out_dir: Path, report: dict) -> None:
+    """report.json and report.md from the measurements."""
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(out_dir / "report.md", quality_markdown(report))
 
 
 GENERATION_PARTS = (("objects", "object shape and colour right"),
@@ -258,12 +275,20 @@ def quality_markdown(r: dict) -> str:
         *[f"| ... judge reads the {label} of the reconstructions | {v['judge_on_reconstructions'][key]:.1%} | |"
           for key, label in VAE_PARTS if key in v.get("judge_on_reconstructions", {})],
         "",
-        "| edit kind | method | judge success | PSNR to ground truth | PSNR outside edit | SSIM outside edit |",
-        "| --- | --- | --- | --- | --- | --- |",
+        editing_table(r["editing"]),
     ]
-    for kind in r["editing"]["dds"]:
-        for m in ("dds", "sds"):
-            e = r["editing"][m][kind]
-            lines.append(f"| {kind} (n={e['n']}) | {m.upper()} | {e['success']:.1%} | "
-                         f"{e['psnr_gt']:.2f} | {e['psnr_out']:.2f} | {e['ssim_out']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def editing_table(editing: dict) -> str:
+    """Markdown: per edit kind, each method and then the two floors, by the world metrics."""
+    floors = [f for f in FLOOR_LABELS if f in editing]
+    methods = [m for m in editing if m not in FLOOR_LABELS]
+    rows = []
+    for kind in editing[methods[0]]:
+        rows += [((f"{kind} (n={editing[m][kind]['n']})", m.upper()), editing[m][kind])
+                 for m in methods]
+        rows += [((f"{kind} (n={editing[f][kind]['n']})", FLOOR_LABELS[f]), editing[f][kind])
+                 for f in floors]
+    return metric_table(rows, ["edit kind", "method"], WORLD_METRICS,
+                        unranked=FLOOR_LABELS.values(), group=0)

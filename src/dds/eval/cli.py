@@ -29,8 +29,8 @@ MODEL_MEASURES = {
 
 
 def cmd_model_measure(args) -> int:
-    from dds.pipeline import get_model
     from dds.eval import builtin_quality as bq
+    from dds.models import get_model
     from dds.world import Judge
 
     kw = dict(per_kind=4, lrs=(0.1, 0.4), guidances=(7.5,)) if args.quick else {}
@@ -40,30 +40,58 @@ def cmd_model_measure(args) -> int:
         kw["lrs"] = _floats(args.lrs, "--lrs")
     if args.guidances:
         kw["guidances"] = _floats(args.guidances, "--guidances")
-    backend = get_model(args.model)
+    target = _defaults_target(args) if args.experiment == "builtin-defaults" else None
+    model = get_model(args.model)
     judge = Judge.load()
     out = Path(args.out or f"dds-eval/{args.experiment}")
     if args.experiment == "builtin-quality":
         preset = bq.QUICK if args.quick else bq.FULL
         if args.edits_per_kind:
             preset = dataclasses.replace(preset, edits_per_kind=args.edits_per_kind)
-        bq.run_quality(backend, judge, out, preset, quiet=args.quiet)
+        bq.run_quality(model, judge, out, preset, quiet=args.quiet)
         print((out / "report.md").read_text())
         return 0
-    result = bq.choose_defaults(backend, judge, quiet=args.quiet, **kw)
+    result = bq.choose_defaults(model, judge, quiet=args.quiet, **kw)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    for r in result["rows"]:
-        print(f"lr {r['lr']:<5} guidance {r['guidance']:<5} success {r['success']:.3f} "
-              f"({', '.join(f'{k} {v:.2f}' for k, v in r['kind_success'].items())})  "
-              f"PSNR gt {r['psnr_gt']:.2f}  "
-              f"PSNR out {r['psnr_out']:.2f}")
-    print(f"best: {result['best']}")
-    if args.write:
-        target = backend.root / "dds_edit_defaults.json"
-        target.write_text(json.dumps(result["best"], indent=2) + "\n")
-        print(f"wrote {target}")
+    print(_sweep_lines(result))
+    if target is not None:
+        path = target / "dds_edit_defaults.json"
+        path.write_text(json.dumps(result["best"], indent=2) + "\n")
+        print(f"wrote {path}")
     return 0
+
+
+def _sweep_lines(result: dict) -> str:
+    """builtin-defaults' rows, the floors beside them, and the choice, one line each."""
+    from dds.eval.floors import FLOOR_LABELS
+    from dds.eval.metrics import get_metric
+
+    def figures(r):
+        return "  ".join(f"{get_metric(k).short} {get_metric(k).format(r[k])}"
+                         for k in ("psnr_gt", "psnr_out"))
+
+    lines = [f"lr {r['lr']:<5} guidance {r['guidance']:<5} success {r['success']:.3f} "
+             f"({', '.join(f'{k} {v:.2f}' for k, v in r['kind_success'].items())})  "
+             f"{figures(r)}" for r in result["rows"]]
+    lines += [f"{FLOOR_LABELS[name]:<25} success {r['success']:.3f}  {figures(r)}"
+              for name, r in result.get("floors", {}).items()]
+    return "\n".join([*lines, f"best: {result['best']}"])
+
+
+def _defaults_target(args) -> Path | None:
+    """The folder `builtin-defaults --write` writes into: the one named after --write, or the
+    model folder named with --model; never the installed package's unless named."""
+    if args.write is None:
+        return None
+    folder = args.write or args.model
+    if not folder:
+        raise DDSError("--write needs a folder: name it (--write FOLDER) or name the model "
+                       "folder with --model, since the built-in model lives inside the "
+                       "installed package")
+    if not Path(folder).is_dir():
+        raise DDSError(f"--write folder '{folder}' is not a folder")
+    return Path(folder)
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -77,15 +105,14 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from dds.pipeline import get_model
-    from dds.eval.experiments.common import is_builtin
+    from dds.models import get_model, is_builtin
 
     if args.experiment in MODEL_MEASURES:
         return cmd_model_measure(args)
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    backend = get_model(args.model)
-    if args.data is None and args.model is not None and not is_builtin(backend):
+    model = get_model(args.model)
+    if args.data is None and args.model is not None and not is_builtin(model):
         raise DDSError("a model other than the built-in one needs your images and captions: give "
                        "--data FOLDER with metadata.jsonl rows {file_name, text, target}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -93,7 +120,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out or "dds-eval")
     command = "dds eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
     for name in names:
-        ctx = Context(backend=backend, out=out / name if len(names) > 1 or args.out is None else out,
+        ctx = Context(model=model, out=out / name if len(names) > 1 or args.out is None else out,
                       seed=args.seed, quiet=args.quiet, quick=args.quick, data=args.data,
                       size=args.size, clip=args.clip, lpips=args.lpips_trunk, command=command)
         summary = run_experiment(name, ctx)
@@ -121,8 +148,9 @@ def add_parser(sub) -> None:
                    "builtin-defaults: validation edits per kind (default 8)")
     p.add_argument("--lrs", help="builtin-defaults: comma list of step sizes to sweep")
     p.add_argument("--guidances", help="builtin-defaults: comma list of guidance scales to sweep")
-    p.add_argument("--write", action="store_true",
-                   help="builtin-defaults: save the chosen settings into the model folder")
+    p.add_argument("--write", nargs="?", const="", metavar="FOLDER",
+                   help="builtin-defaults: save the chosen settings as FOLDER/"
+                   "dds_edit_defaults.json (FOLDER defaults to the --model folder)")
     p.add_argument("--quick", action="store_true",
                    help="the small preset (minutes on a CPU with the built-in model)")
     p.add_argument("--out", help="output folder (default dds-eval/EXPERIMENT; with `all`, one "

@@ -1,11 +1,18 @@
-"""Image metrics on (B,3,H,W) tensors in [0,1]: PSNR and SSIM, optionally over a region."""
+"""Image metrics on (B,3,H,W) tensors in [0,1] (PSNR and SSIM, optionally over a region), and
+the registry of every metric the evaluations report (`METRICS`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dds.errors import DDSError
 
 
 def as_tensor(x) -> Tensor:
@@ -76,3 +83,132 @@ def ssim(a, b, weight=None, peak: float = 1.0) -> Tensor:
         return s.flatten(1).mean(1)
     w = torch.as_tensor(weight).float().expand_as(s)
     return (s * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-8)
+
+
+# ---- the registry ------------------------------------------------------------------------------
+# Every metric an evaluation reports is registered once, with how to compute it and how to read
+# it; tables, plots and reports take labels, formats and directions from here.
+@dataclass
+class References:
+    """What outputs are scored against; each tensor or list has one row per edit.
+
+    source: (N,3,H,W) source images in [0,1]; truth: the exact edited images (built-in world);
+    outside: (N,H,W) weight of the pixels an edit must keep; edits and judge: world edits and
+    the judge that reads them; targets, clip, lpips: target captions and the models of the
+    real-image metrics; z_source: (N,C,h,w) source latents.
+    """
+
+    source: Tensor
+    truth: Tensor | None = None
+    outside: Tensor | None = None
+    edits: list | None = None
+    judge: Any = None
+    targets: list[str] | None = None
+    clip: Any = None
+    lpips: Any = None
+    z_source: Tensor | None = None
+
+    def __getitem__(self, sl: slice) -> References:
+        return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
+                                if isinstance(getattr(self, f.name), (Tensor, list))})
+
+
+@dataclass(frozen=True)
+class Metric:
+    """name: the key in tables; fn(outputs, refs) -> per-edit values (N,); outputs are images
+    (N,3,H,W) in [0,1] unless `on` says latents.  label: axis title; short: column title;
+    spec: format spec of one value; doc: one line for reports."""
+
+    name: str
+    fn: Callable[[Tensor, References], np.ndarray]
+    higher_is_better: bool
+    label: str
+    short: str
+    spec: str = ".3f"
+    doc: str = ""
+    on: str = "images"
+
+    def format(self, v) -> str:
+        if v is None or not np.isfinite(v):
+            return "nan"
+        return f"{v:{self.spec}}"
+
+    def best(self, values):
+        """The best of `values` by this metric's direction (None when there are none)."""
+        vals = [v for v in values if v is not None and np.isfinite(v)]
+        if not vals:
+            return None
+        return max(vals) if self.higher_is_better else min(vals)
+
+    def sign(self) -> float:
+        """+1 or -1: multiplied in, larger is better."""
+        return 1.0 if self.higher_is_better else -1.0
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    if metric.name in METRICS:
+        raise ValueError(f"metric {metric.name!r} is registered twice")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise DDSError(f"unknown metric '{name}'; known: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def score_outputs(outputs: Tensor, refs: References, names) -> dict[str, np.ndarray]:
+    """Per-edit values of the metrics `names` (in that order) for outputs of edits `refs`."""
+    return {k: np.asarray(get_metric(k).fn(outputs, refs)) for k in names}
+
+
+def _success(x, r):
+    return r.judge.edit_success(x, r.edits).astype(float)
+
+
+def _clip(x, r):
+    from dds.eval.clip_score import clip_score
+
+    return clip_score(r.clip[0], r.clip[1], x, r.targets).numpy()
+
+
+def _lpips(x, r):
+    from dds.eval.lpips import lpips_distance
+
+    return lpips_distance(r.lpips, x, r.source).numpy()
+
+
+def _latent_l2(z, r):
+    return (z.float().cpu() - r.z_source).flatten(1).norm(dim=1).numpy()
+
+
+for _m in (
+    Metric("success", _success, True, "edit success (judge)", "judge success", ".1%",
+           "judge reads the edited attribute as its target value (text fidelity)"),
+    Metric("psnr_gt", lambda x, r: psnr(x, r.truth).numpy(), True,
+           "PSNR to the exact ground truth (dB)", "PSNR to ground truth", ".2f",
+           "PSNR (dB) to the exact ground-truth re-render"),
+    Metric("psnr_out", lambda x, r: psnr(x, r.source, r.outside).numpy(), True,
+           "PSNR outside the edit (dB)", "PSNR outside edit", ".2f",
+           "PSNR (dB) to the source outside the edited region (preservation)"),
+    Metric("ssim_out", lambda x, r: ssim(x, r.source, r.outside).numpy(), True,
+           "SSIM outside the edit", "SSIM outside edit", ".3f",
+           "SSIM to the source outside the edited region"),
+    Metric("clip", _clip, True, "CLIP score to the target", "CLIP score", ".3f",
+           "CLIP score of the output and the target caption (100 x cosine)"),
+    Metric("lpips", _lpips, False, "LPIPS to the source (lower = closer)", "LPIPS", ".3f",
+           "LPIPS (AlexNet) between the output and the source (lower keeps more)"),
+    Metric("psnr_source", lambda x, r: psnr(x, r.source).numpy(), True,
+           "PSNR to the source (dB)", "PSNR to source", ".2f",
+           "PSNR (dB) of the whole output to the source image"),
+    Metric("latent_l2", _latent_l2, False, "||z - z_source||_2", "latent L2", ".3f",
+           "L2 distance of the latent from the source latent", on="latents"),
+):
+    register_metric(_m)
+
+WORLD_METRICS = ("success", "psnr_gt", "psnr_out", "ssim_out")
+REAL_METRICS = ("clip", "lpips")

@@ -1,11 +1,10 @@
 """Edits on the built-in world, scored against their exact ground truth.
 
 Every edit changes one attribute of a procedural scene; the re-render of the edited scene is
-the exact answer.  A method's output is scored by
-- success: the judge reads the edited attribute as its target value (text fidelity);
-- psnr_gt: PSNR to the ground-truth re-render (the whole image);
-- psnr_out / ssim_out: PSNR and SSIM to the source outside the edited region (preservation of
-  what the prompt does not mention: texture, position, the other object).
+the exact answer.  A method's output is scored by the metrics `WORLD_METRICS` of the registry
+(`dds.eval.metrics`): judge success (text fidelity), PSNR to the ground-truth re-render, and
+PSNR/SSIM to the source outside the edited region (preservation of what the prompt does not
+mention: texture, position, the other object).
 """
 
 from __future__ import annotations
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dds.eval.metrics import WORLD_METRICS, References, outside, score_outputs
+from dds.eval.seeds import HELD_OUT_SEED
 from dds.loop import EditConfig, edit_latents
-from dds.eval.metrics import outside, psnr, ssim
+from dds.models.base import cat_cond
 from dds.progress import progress_bar
 from dds.world import Edit, edit_mask, render, sample_edit
 
-# Seeds of held-out evaluation scenes live far from the training seeds (0..99).
-HELD_OUT_SEED = 10_000
 EDIT_KINDS_MAIN = ("object_color", "object_shape", "background_color")
 
 
@@ -41,70 +40,80 @@ def images_of(scenes) -> torch.Tensor:
     return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float()
 
 
+class PromptTable:
+    """Each distinct prompt encoded once; a call returns the conditioning of a prompt list.
+
+    The prompts new to a call are encoded together (sorted, or in order of first use) in
+    batches of `chunk` (None: one batch), so a caller's batches are reproducible.
+    """
+
+    def __init__(self, model, sort: bool = True, chunk: int | None = None):
+        self.model, self.sort, self.chunk = model, sort, chunk
+        self.rows: dict[str, object] = {}
+
+    def __call__(self, prompts: Sequence[str]):
+        fresh = [p for p in prompts if p not in self.rows]
+        new = sorted(set(fresh)) if self.sort else list(dict.fromkeys(fresh))
+        size = self.chunk or max(len(new), 1)
+        for i in range(0, len(new), size):
+            cond = self.model.encode_prompt(new[i:i + size])
+            for j, p in enumerate(new[i:i + size]):
+                self.rows[p] = cond[j:j + 1]
+        return cat_cond([self.rows[p] for p in prompts])
+
+
 @dataclass
 class Prepared:
-    """Source latents and prompt embeddings for a list of edits."""
+    """Source latents and prompt conditionings for a list of edits."""
 
     z_hat: torch.Tensor
-    emb_source: torch.Tensor
-    emb_target: torch.Tensor
+    cond_source: object  # Conditioning, one row per edit
+    cond_target: object
 
 
-def prepare(backend, edits: Sequence[Edit]) -> Prepared:
+def prepare(model, edits: Sequence[Edit]) -> Prepared:
     x = images_of([e.source for e in edits]) * 2 - 1
-    z_hat = torch.cat([backend.encode(x[i:i + 64]) for i in range(0, len(edits), 64)])
-    cache: dict[str, torch.Tensor] = {}
-
-    def emb(prompts):
-        new = sorted({p for p in prompts if p not in cache})
-        if new:
-            for p, e in zip(new, backend.encode_prompt(new), strict=True):
-                cache[p] = e
-        return torch.stack([cache[p] for p in prompts])
-
-    return Prepared(z_hat, emb([e.source_caption for e in edits]),
-                    emb([e.target_caption for e in edits]))
+    z_hat = torch.cat([model.encode(x[i:i + 64]) for i in range(0, len(edits), 64)])
+    table = PromptTable(model)
+    return Prepared(z_hat, table([e.source_caption for e in edits]),
+                    table([e.target_caption for e in edits]))
 
 
-def decode01(backend, z: torch.Tensor) -> torch.Tensor:
-    out = torch.cat([backend.decode(z[i:i + 64]) for i in range(0, z.shape[0], 64)])
+def decode01(model, z: torch.Tensor) -> torch.Tensor:
+    out = torch.cat([model.decode(z[i:i + 64]) for i in range(0, z.shape[0], 64)])
     return ((out.cpu() + 1) / 2).clamp(0, 1)
 
 
-def run_zero_shot(backend, edits: Sequence[Edit], cfg: EditConfig, batch_size: int = 32,
-                  prepared: Prepared | None = None, desc: str = "", quiet: bool = False,
-                  step_callback=None) -> torch.Tensor:
-    """DDS or SDS on every edit (edit i seeded cfg.seed + i); returns (N,3,64,64) in [0,1]."""
-    p = prepared or prepare(backend, edits)
+def run_zero_shot(model, edits: Sequence[Edit], cfg: EditConfig, batch_size: int = 32,
+                  prepared: Prepared | None = None, desc: str = "",
+                  quiet: bool = False) -> torch.Tensor:
+    """The configured method on every edit (edit i seeded cfg.seed + i); returns (N,3,64,64)
+    in [0,1]."""
+    p = prepared or prepare(model, edits)
     outs = []
     bar = progress_bar(len(edits) * cfg.steps, desc or cfg.method, quiet=quiet)
     for i in range(0, len(edits), batch_size):
         sl = slice(i, i + batch_size)
         n = p.z_hat[sl].shape[0]
-
-        def cb(step, z, gnorm, n=n, i=i):
-            bar.update(n)
-            if step_callback is not None:
-                return step_callback(i, step, z, gnorm)
-
-        z = edit_latents(backend, p.z_hat[sl], p.emb_source[sl], p.emb_target[sl], cfg,
-                         callback=cb, seeds=[cfg.seed + i + j for j in range(n)])
-        outs.append(decode01(backend, z))
+        z = edit_latents(model, p.z_hat[sl], p.cond_source[sl], p.cond_target[sl], cfg,
+                         on_step=lambda info, n=n: bar.update(n),
+                         seeds=[cfg.seed + i + j for j in range(n)])
+        outs.append(decode01(model, z))
     bar.close()
     return torch.cat(outs)
 
 
+def world_refs(edits: Sequence[Edit], judge) -> References:
+    """What outputs of `edits` are scored against: source, exact truth, outside region."""
+    return References(
+        source=images_of([e.source for e in edits]), truth=images_of([e.target for e in edits]),
+        outside=torch.stack([outside(edit_mask(e))[0] for e in edits]),  # (N,64,64)
+        edits=list(edits), judge=judge)
+
+
 def score(images: torch.Tensor, edits: Sequence[Edit], judge) -> dict[str, np.ndarray]:
-    """Per-edit metrics (see the module docstring).  images: (N,3,64,64) in [0,1]."""
-    src = images_of([e.source for e in edits])
-    gt = images_of([e.target for e in edits])
-    w_out = torch.stack([outside(edit_mask(e))[0] for e in edits])  # (N,64,64)
-    return {
-        "success": judge.edit_success(images, edits).astype(float),
-        "psnr_gt": psnr(images, gt).numpy(),
-        "psnr_out": psnr(images, src, w_out).numpy(),
-        "ssim_out": ssim(images, src, w_out).numpy(),
-    }
+    """Per-edit `WORLD_METRICS`.  images: (N,3,64,64) in [0,1]."""
+    return score_outputs(images, world_refs(edits, judge), WORLD_METRICS)
 
 
 def summarise(metrics: dict[str, np.ndarray], edits: Sequence[Edit]) -> dict[str, dict]:

@@ -136,6 +136,7 @@ class Model(Protocol):
     decode(latents)             (B,C,h,w) -> (B,3,H,W) in [-1,1]
     encode_prompt(prompts)      list[str] -> Conditioning (B rows); the only place that tokenises
     uncond()                    Conditioning (1 row) of the empty prompt, cached
+    prompt_length(prompt)       (tokens, tokens the text encoder reads)
     predict_eps(z_t, t, cond)   -> (B,C,h,w) float32, whatever the model predicts natively
     denoiser                    the frozen denoiser module (read-only: copy it to change it)
     copy_denoiser(...)          a private copy (another dtype, or trainable for a trainer)
@@ -162,6 +163,10 @@ class Model(Protocol):
     def encode_prompt(self, prompts: list[str]) -> Conditioning: ...
 
     def uncond(self) -> Conditioning: ...
+
+    def prompt_length(self, prompt: str) -> tuple[int, int]:
+        """(tokens in the prompt, tokens the text encoder reads): longer prompts are cut."""
+        ...
 
     def predict_eps(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor: ...
 

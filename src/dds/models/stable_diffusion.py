@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -225,20 +224,17 @@ class StableDiffusionModel:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """list of B prompts -> (B,77,D) text embeddings; warns when a prompt is truncated."""
+        """list of B prompts -> (B,77,D) text embeddings.  A prompt longer than the text encoder
+        reads is cut (`prompt_length` tells; the pipeline notes it to the user)."""
         max_len = self.tokenizer.model_max_length
-        for p in prompts:
-            n = len(self.tokenizer(p).input_ids)
-            if n > max_len:
-                warnings.warn(
-                    f"prompt has {n} tokens, more than the text encoder's {max_len}; "
-                    f"the end is ignored: '{p[:60]}...'",
-                    stacklevel=2,
-                )
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
         return Conditioning(self.text_encoder(ids)[0])
+
+    def prompt_length(self, prompt: str) -> tuple[int, int]:
+        """(tokens in `prompt` with its start and end tokens, tokens the text encoder reads)."""
+        return len(self.tokenizer(prompt).input_ids), int(self.tokenizer.model_max_length)
 
     def uncond(self) -> Conditioning:
         """The conditioning of the empty prompt "", computed once and cached.  1 row."""

@@ -26,8 +26,8 @@ def _inputs(src: Path) -> list[Path]:
 
 
 def cmd_translate(args) -> int:
-    from dds.pipeline import as_image
     from dds.images import save_png
+    from dds.pipeline import as_image
     from dds.translate.network import Translator
 
     if args.batch_size < 1:

@@ -4,8 +4,10 @@ For each task that is a world rule (OLD:NEW on shapes or object colours), held-o
 exactly one OLD object are edited; the re-render of the rule's target scene is the exact
 answer.  Reported per method and task (means):
 
-- success, psnr_gt, psnr_out, ssim_out: as `dds.eval.world_edits.score` (judge, PSNR to the
-  ground truth, PSNR/SSIM to the source outside the edited object);
+- success, psnr_gt, psnr_out, ssim_out: the registered world metrics, as
+  `dds.eval.world_edits.score` (judge, PSNR to the ground truth, PSNR/SSIM to the source
+  outside the edited object); the two floors (no edit, autoencoder round trip) are reported
+  beside the methods when a base model is loaded;
 - images_per_s: wall-clock throughput of the method (one pass for the network);
 - mode collapse (paper Fig. 7): the edited object is found in the output as the pixels that
   differ from the scene's background (outside the other objects), and its centre and size are compared with the input
@@ -25,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from dds.errors import DDSError
+from dds.eval.seeds import TRANSLATION_TEST_SEED
 
-HELD_OUT_SEED = 20_000
 
-
-def world_task_edits(task, n: int, seed: int = HELD_OUT_SEED) -> list:
+def world_task_edits(task, n: int, seed: int = TRANSLATION_TEST_SEED) -> list:
     """n held-out Edits for a world rule task: scenes with exactly one object matching OLD."""
     from dds.world import SHAPES, Edit, caption, sample_scene
 
@@ -118,8 +119,9 @@ def evaluate(checkpoint, n_per_task: int = 32, baselines=("dds", "sdedit"), base
              judge=None, sdedit_strength: float = 0.6, dds_steps: int | None = None, batch_size: int = 32,
              quiet: bool = False) -> dict:
     """Metrics of the network (and baselines) per task; returns a JSON-able dict."""
-    from dds.pipeline import edit_config, get_model
-    from dds.eval.world_edits import images_of, prepare, run_zero_shot, score
+    from dds.eval.world_edits import decode01, images_of, prepare, run_zero_shot, score
+    from dds.models import get_model
+    from dds.pipeline import edit_config
     from dds.sampling import sdedit
     from dds.translate.data import Task
     from dds.translate.network import Translator
@@ -131,10 +133,10 @@ def evaluate(checkpoint, n_per_task: int = 32, baselines=("dds", "sdedit"), base
             judge = Judge.load(judge)
         except FileNotFoundError as e:
             raise DDSError(f"{e}; the world judge is needed to score edits") from None
-    backend = None
+    model = None
     if baselines:
         base = base_model or (None if tr.cfg.base_model == "builtin" else tr.cfg.base_model)
-        backend = get_model(base)
+        model = get_model(base)
     report: dict = {"checkpoint": str(tr.folder), "n_per_task": n_per_task, "tasks": {}}
     for td in tr.cfg.tasks:
         task = Task.from_dict(td)
@@ -151,25 +153,37 @@ def evaluate(checkpoint, n_per_task: int = 32, baselines=("dds", "sdedit"), base
                          for i in range(0, len(edits), batch_size)])
         outs = {"network": (_to64(out), time.perf_counter() - t0)}
         if "dds" in baselines:
-            cfg = edit_config(backend, steps=dds_steps)
+            cfg = edit_config(model, steps=dds_steps)
             t0 = time.perf_counter()
-            im = run_zero_shot(backend, edits, cfg, batch_size=batch_size, quiet=quiet)
+            im = run_zero_shot(model, edits, cfg, batch_size=batch_size, quiet=quiet)
             outs["zero_shot_dds"] = (im, time.perf_counter() - t0)
         if "sdedit" in baselines:
-            from dds.eval.world_edits import decode01
-
             t0 = time.perf_counter()
-            p = prepare(backend, edits)
-            zs = [sdedit(backend, p.z_hat[i:i + batch_size], p.emb_target[i:i + batch_size],
+            p = prepare(model, edits)
+            zs = [sdedit(model, p.z_hat[i:i + batch_size], p.cond_target[i:i + batch_size],
                          sdedit_strength, seed=i) for i in range(0, len(edits), batch_size)]
-            outs["sdedit"] = (decode01(backend, torch.cat(zs)), time.perf_counter() - t0)
+            outs["sdedit"] = (decode01(model, torch.cat(zs)), time.perf_counter() - t0)
         for name, (im, secs) in outs.items():
             m = {k: float(np.mean(v)) for k, v in score(im, edits, judge).items()}
             m.update(collapse_metrics(im, edits))
             m["images_per_s"] = len(edits) / max(secs, 1e-9)
             res[name] = m
+        if model is not None:
+            res.update(floor_figures(model, edits, judge))
         report["tasks"][task.name] = res
     return report
+
+
+def floor_figures(model, edits, judge) -> dict[str, dict[str, float]]:
+    """The means of the world metrics of the two floors (no edit, autoencoder round trip)."""
+    from dds.eval.floors import measure_floors
+    from dds.eval.runner import open_runner
+    from dds.eval.world_edits import images_of, prepare, score
+
+    floors = measure_floors(open_runner(None, {}), model, images_of([e.source for e in edits]),
+                            lambda: prepare(model, edits).z_hat,
+                            lambda im, sl: score(im, edits[sl], judge), [slice(0, len(edits))])
+    return {name: {k: float(np.mean(v)) for k, v in m.items()} for name, m in floors.items()}
 
 
 def main_eval(args) -> int:

@@ -1,6 +1,6 @@
 """The paper's Section 5 measurements as experiments that write tables, plots and a report.
 
-`run_experiment(name, backend, out, quick=...)` runs one; `EXPERIMENTS` lists them with their
+`run_experiment(name, ctx, **overrides)` runs one; `EXPERIMENTS` lists them with their
 presets (the full one and a `quick` one that fits in minutes on a CPU with the built-in model).
 Data: the built-in world (exact ground truth, judge) unless `data` names a folder of the user's
 images with metadata.jsonl, which real models need (CLIP score and LPIPS are then the metrics).
@@ -18,7 +18,9 @@ import torch
 
 from dds.errors import DDSError
 from dds.eval.experiments import common
-from dds.eval.experiments.common import Parts, model_name, write_json
+from dds.eval.experiments.common import model_name
+from dds.eval.report import write_atomic, write_json
+from dds.eval.runner import Runner
 
 
 @dataclass
@@ -99,7 +101,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
 class Context:
     """Everything an experiment needs besides its parameters (injectable for tests)."""
 
-    backend: Any
+    model: Any
     out: Path
     seed: int = 0
     quiet: bool = False
@@ -119,25 +121,26 @@ class Context:
     def edit_cfg(self, **overrides):
         from dds.pipeline import edit_config
 
-        return edit_config(self.backend, seed=self.seed, **overrides)
+        return edit_config(self.model, seed=self.seed, **overrides)
 
-    def parts(self, settings: dict) -> Parts:
-        return Parts(self.out, {**settings, "seed": self.seed, "model": model_name(self.backend),
-                                "data": str(self.data) if self.data else "built-in world"})
+    def runner(self, settings: dict) -> Runner:
+        """The resumable runner of this run's units (under OUT/parts)."""
+        return Runner(self.out, {**settings, "seed": self.seed, "model": model_name(self.model),
+                                 "data": str(self.data) if self.data else "built-in world"})
 
     def captioned(self, n: int):
         if self.world:
-            return common.world_captioned(self.backend, n, self.seed)
-        return common.real_captioned(self.backend, self.data, n, self.size)
+            return common.world_captioned(self.model, n, self.seed)
+        return common.real_captioned(self.model, self.data, n, self.size)
 
     def related(self, n: int):
         if self.world:
-            return common.world_related(self.backend, n, self.seed)
-        return common.real_related(self.backend, self.data, n, self.size)
+            return common.world_related(self.model, n, self.seed)
+        return common.real_related(self.model, self.data, n, self.size)
 
     def editset(self, n: int):
         if self.world:
-            return common.world_editset(self.backend, n, self.seed, self.judge)
+            return common.world_editset(self.model, n, self.seed, self.judge)
         clip, lp = self.clip, self.lpips
         if clip is None or isinstance(clip, (str, Path)):
             from dds.eval.clip_score import load_clip
@@ -147,19 +150,19 @@ class Context:
             from dds.eval.lpips import load_lpips
 
             lp = load_lpips(lp)
-        return common.real_editset(self.backend, self.data, n, self.size, clip, lp)
+        return common.real_editset(self.model, self.data, n, self.size, clip, lp)
 
-    def finish(self, name, params, rows, summary, text, pngs, parts, title, es=None) -> None:
+    def finish(self, name, params, rows, summary, text, pngs, runner, title, es=None) -> None:
         """Write NAME.json (settings, seeds, summary, rows) and report.md."""
         slug = name.replace("-", "_")
         record = {
             "experiment": name, "title": title, "preset": "quick" if self.quick else "full",
-            "seed": self.seed, "model": model_name(self.backend),
+            "seed": self.seed, "model": model_name(self.model),
             "data": str(self.data) if self.data else "built-in world (held-out scenes)",
             "params": params, "edit_config": json.loads(self.edit_cfg().to_json()),
             "metrics": es.metrics_doc if es is not None else {},
-            "units": {"computed_this_run": parts.computed, "resumed": parts.reused},
-            "environment": {"torch": torch.__version__, "device": str(self.backend.device),
+            "units": {"computed_this_run": runner.computed, "resumed": runner.reused},
+            "environment": {"torch": torch.__version__, "device": str(self.model.device),
                             "python": platform.python_version()},
             "command": self.command, "summary": summary, "rows": rows,
         }
@@ -176,7 +179,7 @@ class Context:
             + f"Tables: `{slug}.csv`, `{slug}.json` (with every setting). "
             + (f"Command: `{self.command}`.\n" if self.command else "\n")
         )
-        common.write_atomic(self.out / "report.md", md)
+        write_atomic(self.out / "report.md", md)
 
 
 def run_experiment(name: str, ctx: Context, **overrides) -> dict:

@@ -17,57 +17,58 @@ import torch
 from torch import Tensor
 
 from dds.eval import plots
-from dds.eval.experiments.common import (
-    derangement,
-    fmt,
-    seed_gen,
-    timesteps_grid,
-    unit_key,
-    write_csv,
-)
+from dds.eval.experiments.common import derangement, timesteps_grid
+from dds.eval.report import fmt, write_csv
+from dds.eval.runner import batches
+from dds.eval.seeds import COSINE_STREAM, NORMS_STREAM, seed_gen
+from dds.models.base import cat_cond, expand_cond
 from dds.progress import progress_bar
 from dds.score import guided_eps_captions, noise_input, sds_grad
 
 
-def _rows(z: Tensor, d: int) -> Tensor:
-    """(B,...) -> (d*B,...), the d copies draw-major (row k*B + i is pair i, draw k)."""
+def _rows(z, d: int):
+    """(B,...) -> (d*B,...), the d copies draw-major (row k*B + i is pair i, draw k); a latent
+    tensor or a conditioning."""
+    if not isinstance(z, Tensor):
+        return z.repeat(d)
     return z.unsqueeze(0).expand(d, *z.shape).reshape(d * z.shape[0], *z.shape[1:])
 
 
 @torch.no_grad()
-def sds_grads_shared(backend, zs: list[Tensor], embs: list[Tensor], t: int, eps: Tensor,
+def sds_grads_shared(model, zs: list[Tensor], conds: list, t: int, eps: Tensor,
                      guidance: float) -> list[Tensor]:
     """SDS gradients (Eq. 1) of several (z, y) sets under the SAME t and eps, in one model batch.
 
-    zs[k], embs[k]: (N,C,h,w), (N,L,D); eps (N,C,h,w).  Returns one (N,C,h,w) per set.
+    zs[k]: (N,C,h,w); conds[k]: conditionings of N rows; eps (N,C,h,w).  Returns one (N,C,h,w)
+    per set.
     """
     n = eps.shape[0]
-    dev = backend.device
+    dev = model.device
     z = torch.cat(zs).to(dev)
     e = torch.cat([eps] * len(zs)).to(dev)
-    y = torch.cat(embs).to(dev)
+    y = cat_cond(conds).to(dev)
     tt = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
-    emb_u = backend.uncond().to(dev).expand(z.shape[0], -1, -1)
-    g = sds_grad(backend.predict_eps, z, emb_u, y, tt, e, backend.alphas_cumprod, guidance)
+    cond_u = expand_cond(model.uncond().to(dev), z.shape[0])
+    g = sds_grad(model.predict_eps, z, cond_u, y, tt, e, model.schedule, guidance)
     return list(g.float().cpu().split(n))
 
 
 @torch.no_grad()
-def sds_grads_captions(backend, z: Tensor, embs: list[Tensor], t: int, eps: Tensor,
+def sds_grads_captions(model, z: Tensor, conds: list, t: int, eps: Tensor,
                        guidance: float) -> list[Tensor]:
     """SDS gradients (Eq. 1) of ONE latent batch under several captions, same t and eps.
 
     z_t is the same for every caption, so the unconditional branch is evaluated once
-    (`guided_eps_captions`).  z, eps: (N,C,h,w); embs[k]: (N,L,D).  Returns one (N,C,h,w) per
-    caption.
+    (`guided_eps_captions`).  z, eps: (N,C,h,w); conds[k]: conditionings of N rows.  Returns
+    one (N,C,h,w) per caption.
     """
-    dev = backend.device
+    dev = model.device
     n = z.shape[0]
     tt = torch.full((n,), t, dtype=torch.long, device=dev)
     eps = eps.to(dev)
-    z_t = noise_input(z.to(dev), eps, tt, backend.alphas_cumprod.to(dev))
-    emb_u = backend.uncond().to(dev).expand(n, -1, -1)
-    gs = guided_eps_captions(backend.predict_eps, z_t, tt, emb_u, [e.to(dev) for e in embs],
+    z_t = noise_input(z.to(dev), eps, tt, model.schedule.to(dev))
+    cond_u = expand_cond(model.uncond().to(dev), n)
+    gs = guided_eps_captions(model.predict_eps, z_t, tt, cond_u, [c.to(dev) for c in conds],
                              guidance)
     return [(g - eps).float().cpu() for g in gs]
 
@@ -82,7 +83,7 @@ def noise_draws(n_noise: int, b: int, shape, chunk_rows: int, gen: torch.Generat
         done += d
 
 
-def norms_unit(backend, z: Tensor, emb_aligned: Tensor, emb_unaligned: Tensor, t: int,
+def norms_unit(model, z: Tensor, cond_aligned, cond_unaligned, t: int,
                n_noise: int, guidance: float, gen: torch.Generator, chunk_rows: int = 32,
                bar=None) -> dict[str, list[float]]:
     """Per pair: mean and std over n_noise draws of the SDS norm, aligned and unaligned.
@@ -94,8 +95,8 @@ def norms_unit(backend, z: Tensor, emb_aligned: Tensor, emb_unaligned: Tensor, t
     s = torch.zeros(2, b, dtype=torch.float64)
     s2 = torch.zeros(2, b, dtype=torch.float64)
     for d, eps in noise_draws(n_noise, b, z.shape[1:], chunk_rows, gen):
-        ga, gu = sds_grads_captions(backend, _rows(z, d),
-                                    [_rows(emb_aligned, d), _rows(emb_unaligned, d)], t, eps,
+        ga, gu = sds_grads_captions(model, _rows(z, d),
+                                    [_rows(cond_aligned, d), _rows(cond_unaligned, d)], t, eps,
                                     guidance)
         nrm = torch.stack([ga.flatten(1).norm(dim=1), gu.flatten(1).norm(dim=1)])  # (2, d*B)
         nrm = nrm.view(2, d, b).double()
@@ -109,8 +110,7 @@ def norms_unit(backend, z: Tensor, emb_aligned: Tensor, emb_unaligned: Tensor, t
             "aligned_noise_std": std[0].tolist(), "unaligned_noise_std": std[1].tolist()}
 
 
-def cosine_unit(backend, z_a: Tensor, emb_a: Tensor, z_b: Tensor, emb_b: Tensor, z_c: Tensor,
-                emb_c: Tensor, t: int, n_noise: int, guidance: float, gen: torch.Generator,
+def cosine_unit(model, z_a: Tensor, cond_a, z_b: Tensor, cond_b, z_c: Tensor, cond_c, t: int, n_noise: int, guidance: float, gen: torch.Generator,
                 chunk_rows: int = 32, bar=None) -> dict[str, list[float]]:
     """Per pair, mean over draws of cos(g(z_a,y_a), g(z_b,y_b)) (related) and of
     cos(g(z_a,y_a), g(z_c,y_c)) (unrelated), all three under the same t and eps."""
@@ -118,8 +118,8 @@ def cosine_unit(backend, z_a: Tensor, emb_a: Tensor, z_b: Tensor, emb_b: Tensor,
     s = torch.zeros(2, b, dtype=torch.float64)
     for d, eps in noise_draws(n_noise, b, z_a.shape[1:], chunk_rows, gen):
         ga, gb, gc = sds_grads_shared(
-            backend, [_rows(z_a, d), _rows(z_b, d), _rows(z_c, d)],
-            [_rows(emb_a, d), _rows(emb_b, d), _rows(emb_c, d)], t, eps, guidance)
+            model, [_rows(z_a, d), _rows(z_b, d), _rows(z_c, d)],
+            [_rows(cond_a, d), _rows(cond_b, d), _rows(cond_c, d)], t, eps, guidance)
         cos = torch.nn.functional.cosine_similarity
         c = torch.stack([cos(ga.flatten(1), gb.flatten(1), dim=1),
                          cos(ga.flatten(1), gc.flatten(1), dim=1)])
@@ -137,31 +137,25 @@ def _stats(v: np.ndarray) -> tuple[float, float, float]:
     return v.mean(-1), sd, sd / np.sqrt(n)
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 # ---- score-norms ------------------------------------------------------------------------------
 def run_score_norms(ctx, p: dict) -> dict:
     """Figure 8 left.  p: n_pairs, n_noise, n_t, guidance, pair_batch, chunk_rows."""
     data = ctx.captioned(p["n_pairs"])
     n = data.z.shape[0]
     perm = derangement(n, ctx.seed)
-    emb_un = data.emb[perm]
+    cond_un = data.cond[torch.as_tensor(perm)]
     ts = timesteps_grid(p["n_t"])
-    parts = ctx.parts({"experiment": "score-norms", **p, "timesteps": ts})
+    runner = ctx.runner({"experiment": "score-norms", **p, "timesteps": ts})
     bar = progress_bar(len(ts) * n * p["n_noise"], "score-norms (pairs x draws)", ctx.quiet,
                        unit="grad")
     al = np.zeros((len(ts), n))
     un = np.zeros((len(ts), n))
     for i, t in enumerate(ts):
-        for j, sl in enumerate(_batches(n, p["pair_batch"])):
-            key = unit_key("t", t, "b", j)
-            if parts.has(key):
-                bar.update((sl.stop - sl.start) * p["n_noise"])
-            r = parts.get(key, lambda sl=sl, t=t, j=j: norms_unit(
-                ctx.backend, data.z[sl], data.emb[sl], emb_un[sl], t, p["n_noise"], p["guidance"],
-                seed_gen(ctx.seed, 1, t, j), p["chunk_rows"], bar))
+        for j, sl in enumerate(batches(n, p["pair_batch"])):
+            r = runner.unit(f"t-{t}-b-{j}", lambda sl=sl, t=t, j=j: norms_unit(
+                ctx.model, data.z[sl], data.cond[sl], cond_un[sl], t, p["n_noise"], p["guidance"],
+                seed_gen(ctx.seed, NORMS_STREAM, t, j), p["chunk_rows"], bar),
+                lambda sl=sl: bar.update((sl.stop - sl.start) * p["n_noise"]))
             al[i, sl], un[i, sl] = r["aligned"], r["unaligned"]
     bar.close()
     numel = int(np.prod(data.z.shape[1:]))
@@ -199,7 +193,7 @@ def run_score_norms(ctx, p: dict) -> dict:
         f"(criteria: aligned > 10% of unaligned at every t: {nonzero}; aligned < unaligned at "
         f">= 90% of timesteps: {below >= 0.9 * len(ts)})."
     )
-    ctx.finish("score-norms", p, rows, summary, text, ["score_norms.png"], parts,
+    ctx.finish("score-norms", p, rows, summary, text, ["score_norms.png"], runner,
                "Figure 8 (left): expected SDS gradient norm vs timestep, aligned vs unaligned")
     return summary
 
@@ -210,22 +204,19 @@ def run_score_cosine(ctx, p: dict) -> dict:
     data = ctx.related(p["n_pairs"])
     n = data.z_a.shape[0]
     perm = derangement(n, ctx.seed + 1)
-    z_c, emb_c = data.z_b[perm], data.emb_b[perm]
+    z_c, cond_c = data.z_b[perm], data.cond_b[torch.as_tensor(perm)]
     ts = timesteps_grid(p["n_t"])
-    parts = ctx.parts({"experiment": "score-cosine", **p, "timesteps": ts})
+    runner = ctx.runner({"experiment": "score-cosine", **p, "timesteps": ts})
     bar = progress_bar(len(ts) * n * p["n_noise"], "score-cosine (pairs x draws)", ctx.quiet,
                        unit="pair")
     rel = np.zeros((len(ts), n))
     unr = np.zeros((len(ts), n))
     for i, t in enumerate(ts):
-        for j, sl in enumerate(_batches(n, p["pair_batch"])):
-            key = unit_key("t", t, "b", j)
-            if parts.has(key):
-                bar.update((sl.stop - sl.start) * p["n_noise"])
-            r = parts.get(key, lambda sl=sl, t=t, j=j: cosine_unit(
-                ctx.backend, data.z_a[sl], data.emb_a[sl], data.z_b[sl], data.emb_b[sl], z_c[sl],
-                emb_c[sl], t, p["n_noise"], p["guidance"], seed_gen(ctx.seed, 2, t, j),
-                p["chunk_rows"], bar))
+        for j, sl in enumerate(batches(n, p["pair_batch"])):
+            r = runner.unit(f"t-{t}-b-{j}", lambda sl=sl, t=t, j=j: cosine_unit(
+                ctx.model, data.z_a[sl], data.cond_a[sl], data.z_b[sl], data.cond_b[sl], z_c[sl],
+                cond_c[sl], t, p["n_noise"], p["guidance"], seed_gen(ctx.seed, COSINE_STREAM, t, j),
+                p["chunk_rows"], bar), lambda sl=sl: bar.update((sl.stop - sl.start) * p["n_noise"]))
             rel[i, sl], unr[i, sl] = r["related"], r["unrelated"]
     bar.close()
     (rm, rsd, rse), (um, usd, use) = _stats(rel), _stats(unr)
@@ -256,7 +247,7 @@ def run_score_cosine(ctx, p: dict) -> dict:
         f"{'reproduces' if ok else 'does NOT reproduce'}** (criteria: related mean >= 0.5: "
         f"{high >= 0.5}; related > unrelated at >= 90% of timesteps: {above >= 0.9 * len(ts)})."
     )
-    ctx.finish("score-cosine", p, rows, summary, text, ["score_cosine.png"], parts,
+    ctx.finish("score-cosine", p, rows, summary, text, ["score_cosine.png"], runner,
                "Figure 8 (right): cosine of SDS directions of related vs unrelated pairs")
     return summary
 
