@@ -51,8 +51,8 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
     with open(run_dir / "eval.csv", newline="") as f:
         readings = list(csv.DictReader(f))
     assert [int(r["step"]) for r in readings] == [2, 4]
-    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.eval.builtin_quality import eval_generation
+    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.world import Judge
 
     cfg = tiny_cfg()
@@ -146,7 +146,14 @@ def test_resume_refuses_a_different_model(full_run):
 
 
 def test_command_line_parses():
+    from dds.builtin import BUILTIN_DIR
+
     p = T.build_parser()
+    # without --out the model goes into the run folder, never into the installed package
+    default = p.parse_args(["--run-dir", "runs/x"])
+    assert T.export_dir(default.run_dir, default.out) == Path("runs/x/model")
+    assert BUILTIN_DIR.resolve() not in Path("runs/x/model").resolve().parents
+    assert T.export_dir("runs/x", BUILTIN_DIR) == BUILTIN_DIR
     a = p.parse_args(["--tiny", "--vae-steps", "3", "--no-resume", "--threads", "1",
                       "--judge-every", "0"])
     assert a.tiny and a.vae_steps == 3 and a.no_resume and a.threads == 1
@@ -257,9 +264,52 @@ def test_vae_loss_weights_object_pixels():
 
 
 def test_log_drops_one_stage_and_keeps_the_others(tmp_path):
-    log = T.CsvLog(tmp_path / "log.csv")
+    log = T.loss_log(tmp_path)
     for stage, step in [("vae", 1), ("vae", 2), ("unet", 1), ("text", 1)]:
-        log.write(stage, step, 0.5, 1e-3, 1.0)
-    log.drop_stage("text")
+        log.write(T.loss_row(stage, step, 0.5, 1e-3, 1.0))
+    T.drop_stage(log, "text")
     assert [(r["stage"], r["step"]) for r in log.rows()] == [("vae", "1"), ("vae", "2"),
                                                              ("unet", "1")]
+    assert log.rows()[0]["loss"] == "0.500000" and log.rows()[0]["lr"] == "0.001"
+    # a resume at VAE step 1 keeps the earlier stages' rows and VAE step 1, nothing later
+    log.write(T.loss_row("text", 2, 0.25, 1e-3, 2.0))
+    T.truncate_after(log, "vae", 1)
+    assert [(r["stage"], r["step"]) for r in log.rows()] == [("vae", "1"), ("text", "2")]
+
+
+def test_staged_folder_replaces_all_or_nothing(tmp_path):
+    from dds.training.toolkit import problem, staged_folder
+
+    final = tmp_path / "out"
+    with staged_folder(final) as d:
+        (d / "a.txt").write_text("1")
+    assert problem(final) is None and (final / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), staged_folder(final) as d:
+        (d / "a.txt").write_text("2")
+        raise RuntimeError("killed half-way")
+    assert (final / "a.txt").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no leftover
+    (final / "a.txt").write_text("x")
+    assert "checksum" in problem(final)
+    with staged_folder(final, manifest=False) as d:
+        (d / "b.txt").write_text("3")
+    assert [p.name for p in final.iterdir()] == ["b.txt"]
+
+
+def test_warmup_cosine_and_ema_updates():
+    from dds.training.toolkit import EMA, warmup_cosine
+
+    assert warmup_cosine(0, 104, 2.0, 4) == 0.5 and warmup_cosine(3, 104, 2.0, 4) == 2.0
+    assert warmup_cosine(4, 104, 2.0, 4) == 2.0
+    assert warmup_cosine(54, 104, 2.0, 4) == pytest.approx(2.0 * 0.55)
+    assert warmup_cosine(104, 104, 2.0, 4) == pytest.approx(0.2)
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema = EMA({"m": lin}, decay=0.999)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update({"m": lin}, 0)  # the first update keeps 0.1 of the shadow (warm-up)
+    assert float(ema.shadow["m"]["weight"]) == pytest.approx(0.9)
+    ema.update({"m": lin}, 10_000)  # later ones at most `decay`
+    assert float(ema.shadow["m"]["weight"]) == pytest.approx(1 - 0.1 * 0.999)

@@ -41,7 +41,7 @@ def test_network_is_identity_at_init_and_time_input_is_the_task_embedding(tiny_s
     from dds.translate.network import TranslationNet
 
     stock = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
-    phrases = tiny_backend.encode_prompt(["square", "star"])  # (2,77,16)
+    phrases = tiny_backend.encode_prompt(["square", "star"]).embeds  # (2,77,16)
     net = TranslationNet.from_unet(
         UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"), phrases)
     z_hat = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -151,15 +151,34 @@ def test_tensorboard_logs_the_schedules_as_in_log_csv(trained):
         assert [v for _, v in logged] == pytest.approx([float(r[key]) for r in rows], rel=1e-5)
 
 
+# Runs `dds translate-train` in a child process whose checkpoint writer hangs once the step-2
+# checkpoint is on disk, so that the test can SIGKILL it there.
+HANG_AFTER_CHECKPOINT = """
+import sys, time
+import dds.translate.train as T
+
+write = T.write_checkpoint
+
+def write_then_hang(run, step, *args, **kw):
+    out = write(run, step, *args, **kw)
+    if step >= 2:
+        print(f"hanging after step {step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    return out
+
+T.write_checkpoint = write_then_hang
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, translate_cfg,
                                                                 tmp_path, trained):
     run = tmp_path / "killed"
     cfg = translate_cfg(run)
-    cmd = [sys.executable, "-m", "dds.translate.train", "--out", str(run), "--model", str(tiny_sd),
+    cmd = [sys.executable, "-c", HANG_AFTER_CHECKPOINT, "--out", str(run), "--model", str(tiny_sd),
            "--task", "circle:square", "--task", "circle:star", "--world-size", "40",
            "--resolution", "16", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
-           "--val-every", "2", "--val-images", "2", "--log-every", "1", "--cpu", "--quiet",
-           "--debug-hang-after", "2"]
+           "--val-every", "2", "--val-images", "2", "--log-every", "1", "--cpu", "--quiet"]
     # The same thread count as the in-process run it is compared with, bit for bit: CPU
     # kernels' rounding (and dds.models.trace's row split) depends on it.
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -174,6 +193,8 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_sd, transl
     finally:
         proc.kill()
         proc.wait()
+    # Killed after the step-2 checkpoint: the log holds steps 1 and 2 only.
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
     assert latest_good(run).name == "step-0000002"
     # A newer but damaged checkpoint (and a half-written one) must be passed over.
     bad = run / "checkpoints" / "step-0000003"
@@ -199,7 +220,10 @@ def test_damaged_checkpoint_is_named_in_one_sentence(trained, tmp_path, capsys):
     assert len(msgs) == 1 and "step-0000004" in msgs[0] and "checksum" in msgs[0]
 
 
-def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(translate_cfg, trained):
+def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(translate_cfg, trained, tiny_sd):
+    with pytest.raises(DDSError, match="inside the base model's folder"):
+        train(translate_cfg(tiny_sd / "runs" / "one"))
+    assert not (tiny_sd / "runs").exists()
     with pytest.raises(DDSError, match="--resume latest"):
         train(translate_cfg(trained))
     with pytest.raises(DDSError, match="different lr"):

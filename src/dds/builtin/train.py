@@ -19,39 +19,35 @@ left it (checkpoints hold models, optimiser, EMA, step and RNG states, and are w
 atomically). ``run_dir`` receives ``log.csv``, checkpoints and PNG sample grids; ``out_dir``
 receives a complete diffusers ``StableDiffusionPipeline`` folder plus ``training.json``.
 
-Command line: ``python -m dds.builtin.train --run-dir runs/builtin`` (also ``dds train-builtin``).
+Command line: ``dds train-builtin --run-dir runs/builtin`` (also ``python -m dds.builtin.train``);
+the model goes to ``RUN_DIR/model`` unless ``--out`` names another folder (the packaged model,
+``src/dds/assets/builtin-model``, is replaced only when ``--out`` names it).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# With more OpenMP threads than free cores (the CPU is often shared), spinning worker threads
-# make every step several times slower; passive waiting avoids that. It must be set before
-# torch loads its OpenMP runtime, so the command line sets it here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 import torch.nn.functional as F
 
 from dds.atomic import atomic_path, atomic_write_text
 from dds.builtin import configs as C
 from dds.errors import DDSError
 from dds.eval.metrics import psnr
+from dds.training.toolkit import EMA, CsvLog, save_state, staged_folder, warmup_cosine
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "builtin-model"
 # Ids seed each stage's random streams; the order is the order of the stages (log truncation).
 STAGE_IDS = {"text": 5, "vae": 1, "unet": 2, "scale": 3, "eval": 4}
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
@@ -89,20 +85,6 @@ def batch_at(cfg: C.TrainConfig, stage: str, step: int, batch_size: int) -> dict
     return collate_scenes([ds[step * batch_size + j] for j in range(batch_size)])
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10% of ``base``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    t = min(max(t, 0.0), 1.0)
-    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def rng_states() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
 
@@ -136,63 +118,34 @@ def save_grid(images01: torch.Tensor, path: Path, ncol: int, scale: int = 2) -> 
         im.save(tmp)
 
 
-class CsvLog:
-    """A per-step CSV log (``log.csv``: stage, step, loss, lr, seconds; ``eval.csv``: judge
-    readings); rows past a resumed step are dropped."""
+# --------------------------------------------------------------------------------------------
+# Logs: log.csv (stage, step, loss, lr, seconds) and eval.csv (judge readings)
+# --------------------------------------------------------------------------------------------
 
-    def __init__(self, path: Path, fields: list[str] = LOG_FIELDS):
-        self.path = path
-        self.fields = fields
 
-    def truncate_after(self, stage: str, step: int) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        order = list(STAGE_IDS)
-        keep = []
-        for r in rows:
-            if order.index(r["stage"]) < order.index(stage):
-                keep.append(r)
-            elif r["stage"] == stage and int(r["step"]) <= step:
-                keep.append(r)
-        self._write_all(keep)
+def loss_log(run_dir: Path) -> CsvLog:
+    return CsvLog(run_dir / "log.csv", LOG_FIELDS)
 
-    def drop_stage(self, stage: str) -> None:
-        """Remove one stage's rows and keep the others (a stage redone from its start)."""
-        if self.path.exists():
-            self._write_all([r for r in self.rows() if r["stage"] != stage])
 
-    def _write_all(self, rows: list[dict]) -> None:
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            w.writeheader()
-            w.writerows(rows)
+def judge_log(run_dir: Path) -> CsvLog:
+    return CsvLog(run_dir / "eval.csv", JUDGE_FIELDS)
 
-    def write_row(self, row: dict) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            if new:
-                w.writeheader()
-            w.writerow(row)
 
-    def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
-        self.write_row(
-            {
-                "stage": stage,
-                "step": step,
-                "loss": f"{loss:.6f}",
-                "lr": f"{lr:.6g}",
-                "seconds": f"{seconds:.1f}",
-            }
-        )
+def truncate_after(log: CsvLog, stage: str, step: int) -> None:
+    """Keep the rows of earlier stages and of `stage` up to `step` (a resume at `step`)."""
+    order = list(STAGE_IDS)
+    log.keep(lambda r: order.index(r["stage"]) < order.index(stage)
+             or (r["stage"] == stage and int(r["step"]) <= step))
 
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+
+def drop_stage(log: CsvLog, stage: str) -> None:
+    """Remove one stage's rows and keep the others (a stage redone from its start)."""
+    log.keep(lambda r: r["stage"] != stage)
+
+
+def loss_row(stage: str, step: int, loss: float, lr: float, seconds: float) -> dict:
+    return {"stage": stage, "step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.6g}",
+            "seconds": f"{seconds:.1f}"}
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -203,39 +156,45 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
 
 
-class EMA:
-    """Exponential moving average of a set of modules' parameters (with diffusers' warm-up)."""
+@dataclass
+class Counter:
+    """Where a stage is: optimisation steps done and seconds spent in them (checkpointed)."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
-        self.decay = decay
-        self.shadow = {
-            name: {k: v.detach().clone() for k, v in m.state_dict().items()}
-            for name, m in modules.items()
-        }
+    step: int = 0
+    seconds: float = 0.0
 
-    @torch.no_grad()
-    def copy_from(self, modules: dict[str, torch.nn.Module]) -> None:
-        for name, m in modules.items():
-            for k, v in m.state_dict().items():
-                self.shadow[name][k].copy_(v)
 
-    @torch.no_grad()
-    def update(self, modules: dict[str, torch.nn.Module], n_updates: int) -> None:
-        d = min(self.decay, (1 + n_updates) / (10 + n_updates))
-        for name, m in modules.items():
-            sh = self.shadow[name]
-            for k, v in m.state_dict().items():
-                if v.dtype.is_floating_point:
-                    sh[k].lerp_(v.detach(), 1.0 - d)
-                else:
-                    sh[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.decay = s["decay"]
-        self.shadow = s["shadow"]
+def run_steps(stage: str, total: int, at: Counter, cfg: C.TrainConfig, log: CsvLog, bar,
+              budget: list, one_step: Callable[[int], tuple[torch.Tensor, float]],
+              after: Callable[[int], None]) -> bool:
+    """The loop every stage shares: ``one_step(step)`` (returns the loss and the learning rate
+    to log) until ``total``, logging the mean loss every ``log_every`` steps and calling
+    ``after(step)`` (checkpoints, samples) after each.  ``budget[0]`` (None: unlimited) is the
+    number of steps this call may still take; False when it ran out first."""
+    acc, n_acc = 0.0, 0
+    while at.step < total:
+        if budget[0] is not None and budget[0] <= 0:
+            if bar:
+                bar.close()
+            return False
+        t0 = time.perf_counter()
+        loss, lr = one_step(at.step)
+        at.step += 1
+        at.seconds += time.perf_counter() - t0
+        if budget[0] is not None:
+            budget[0] -= 1
+        acc, n_acc = acc + loss.detach().item(), n_acc + 1
+        if at.step % cfg.log_every == 0 or at.step == total:
+            log.write(loss_row(stage, at.step, acc / n_acc, lr, at.seconds))
+            if bar:
+                bar.set_postfix(loss=f"{acc / n_acc:.4f}", lr=f"{lr:.2e}")
+            acc, n_acc = 0.0, 0
+        if bar:
+            bar.update(1)
+        after(at.step)
+    if bar:
+        bar.close()
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,39 +298,32 @@ def train_text(cfg: C.TrainConfig, run_dir: Path, tokenizer, resume: bool, progr
     heads = torch.nn.Linear(cfg.text.hidden_size, sum(caption_heads().values()))
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.text_pretrain_lr, weight_decay=0.0)
-    log = CsvLog(run_dir / "log.csv")
-    log.drop_stage("text")
-    bar = _progress(cfg.text_pretrain_steps, 0, "text", progress)
-    seconds, acc, n_acc = 0.0, 0.0, 0
-    for step in range(1, cfg.text_pretrain_steps + 1):
-        t0 = time.perf_counter()
-        lr_scale = lr_at(step - 1, cfg.text_pretrain_steps, 1.0, min(100, step))
+    log = loss_log(run_dir)
+    drop_stage(log, "text")
+    total = cfg.text_pretrain_steps
+
+    def one_step(s: int):  # s + 1: the 1-based step whose captions are drawn
+        lr = cfg.text_pretrain_lr * warmup_cosine(s, total, 1.0, min(100, s + 1))
         for g in opt.param_groups:
-            g["lr"] = cfg.text_pretrain_lr * lr_scale
+            g["lr"] = lr
         loss, _ = text_pretrain_loss(text_encoder, heads, tokenizer,
-                                     captions_at(cfg, "text", step, cfg.text_pretrain_batch))
+                                     captions_at(cfg, "text", s + 1, cfg.text_pretrain_batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        seconds += time.perf_counter() - t0
-        acc, n_acc = acc + loss.item(), n_acc + 1
-        if step % cfg.log_every == 0 or step == cfg.text_pretrain_steps:
-            log.write("text", step, acc / n_acc, cfg.text_pretrain_lr * lr_scale, seconds)
-            if bar:
-                bar.set_postfix(loss=f"{acc / n_acc:.4f}")
-            acc, n_acc = 0.0, 0
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
+        return loss, lr
+
+    at = Counter()
+    run_steps("text", total, at, cfg, log, _progress(total, 0, "text", progress), [None],
+              one_step, lambda step: None)
     with torch.no_grad():
         held_out = captions_at(cfg, "eval", 0, 512)
         _, correct = text_pretrain_loss(text_encoder.eval(), heads, tokenizer, held_out)
-    info = {"steps": cfg.text_pretrain_steps, "seconds": round(seconds, 1),
+    info = {"steps": total, "seconds": round(at.seconds, 1),
             "heldout_all_attributes": float(correct.float().mean())}
-    atomic_torch_save({"stage": "text", "config": cfg.to_dict(),
-                       "text_encoder": text_encoder.state_dict(), "info": info}, path)
+    save_state({"stage": "text", "config": cfg.to_dict(),
+                "text_encoder": text_encoder.state_dict(), "info": info}, path)
     return text_encoder, info
 
 
@@ -434,100 +386,81 @@ def vae_eval_psnr(vae, cfg: C.TrainConfig, n: int = 256, bs: int = 64) -> float:
     return float(torch.cat(vals)[:n].mean())
 
 
+def _vae_state(cfg, vae, opt, at: Counter, done: bool, info: dict) -> dict:
+    return {"stage": "vae", "config": cfg.to_dict(), "model": vae.state_dict(),
+            "optimizer": opt.state_dict(), "rng": rng_states(), "step": at.step,
+            "seconds": at.seconds, "done": done, "info": info}
+
+
+def _vae_info(vae, cfg: C.TrainConfig, at: Counter) -> dict:
+    """The finished autoencoder's scaling factor and held-out readings."""
+    std = vae_latent_std(vae, cfg, n=cfg.scale_images)
+    return {
+        "steps": at.step,
+        "seconds": round(at.seconds, 1),
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "heldout_psnr_db": vae_eval_psnr(vae, cfg, n=cfg.eval_images),
+        "heldout_judge": vae_eval_judge(vae, cfg, n=cfg.eval_images),
+    }
+
+
 def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: list):
     """Stage 1. Returns (vae, info) once finished, or (None, info) when stopped early."""
     ckpt_path = run_dir / "vae.pt"
-    log = CsvLog(run_dir / "log.csv")
+    log = loss_log(run_dir)
     torch.manual_seed(cfg.seed)
     vae = C.build_vae(cfg.vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    step, seconds, info = 0, 0.0, {}
+    at, info = Counter(), {}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         vae.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         set_rng_states(ck["rng"])
-        step, seconds, info = ck["step"], ck["seconds"], ck.get("info", {})
+        at, info = Counter(ck["step"], ck["seconds"]), ck.get("info", {})
         if ck.get("done"):
             vae.register_to_config(scaling_factor=info["scaling_factor"])
             vae.eval().requires_grad_(False)
             return vae, info
-        log.truncate_after("vae", step)
+        truncate_after(log, "vae", at.step)
     elif not resume:
-        log.truncate_after("vae", -1)
+        truncate_after(log, "vae", -1)
 
-    def save(done: bool) -> None:
-        atomic_torch_save(
-            {
-                "stage": "vae",
-                "config": cfg.to_dict(),
-                "model": vae.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": rng_states(),
-                "step": step,
-                "seconds": seconds,
-                "done": done,
-                "info": info,
-            },
-            ckpt_path,
-        )
-
-    fixed = batch_at(cfg, "eval", 10_000, 8)["image"]
-    bar = _progress(cfg.vae_steps, step, "vae", progress)
-    vae.train()
-    acc, n_acc = 0.0, 0
-    while step < cfg.vae_steps:
-        if budget[0] is not None and budget[0] <= 0:
-            if bar:
-                bar.close()
-            return None, info
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
+    def one_step(step: int):
+        lr = warmup_cosine(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = batch_at(cfg, "vae", step, cfg.vae_batch_size)
         w = (object_weights(batch["scene"], cfg.image_size, cfg.image_size,
                             cfg.vae_object_loss_weight) if cfg.vae_object_loss_weight else None)
-        loss, _ = vae_loss(
-            vae, batch["image"], cfg.vae_kl_weight, step_generator(cfg.seed, "vae", step), w
-        )
+        loss, _ = vae_loss(vae, batch["image"], cfg.vae_kl_weight,
+                           step_generator(cfg.seed, "vae", step), w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         opt.step()
-        step += 1
-        seconds += time.perf_counter() - t0
-        if budget[0] is not None:
-            budget[0] -= 1
-        acc, n_acc = acc + loss.detach().item(), n_acc + 1
-        if step % cfg.log_every == 0 or step == cfg.vae_steps:
-            log.write("vae", step, acc / n_acc, lr, seconds)
-            if bar:
-                bar.set_postfix(loss=f"{acc / n_acc:.4f}", lr=f"{lr:.2e}")
-            acc, n_acc = 0.0, 0
-        if bar:
-            bar.update(1)
+        return loss, lr
+
+    fixed = batch_at(cfg, "eval", 10_000, 8)["image"]
+
+    def after(step: int) -> None:
         if step % cfg.sample_every == 0 or step == cfg.vae_steps:
             vae.eval()
             rec = vae_reconstruct(vae, fixed)
             save_grid(torch.cat([fixed, rec]), run_dir / "samples" / f"vae_{step:06d}.png", ncol=8)
             vae.train()
         if step % cfg.ckpt_every == 0 and step < cfg.vae_steps:
-            save(done=False)
-    if bar:
-        bar.close()
+            save_state(_vae_state(cfg, vae, opt, at, False, info), ckpt_path)
+
+    vae.train()
+    bar = _progress(cfg.vae_steps, at.step, "vae", progress)
+    if not run_steps("vae", cfg.vae_steps, at, cfg, log, bar, budget, one_step, after):
+        return None, info
     vae.eval().requires_grad_(False)
-    std = vae_latent_std(vae, cfg, n=cfg.scale_images)
-    info = {
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "latent_std": std,
-        "scaling_factor": 1.0 / std,
-        "heldout_psnr_db": vae_eval_psnr(vae, cfg, n=cfg.eval_images),
-        "heldout_judge": vae_eval_judge(vae, cfg, n=cfg.eval_images),
-    }
+    info = _vae_info(vae, cfg, at)
     vae.register_to_config(scaling_factor=info["scaling_factor"])
-    save(done=True)
+    save_state(_vae_state(cfg, vae, opt, at, True, info), ckpt_path)
     return vae, info
 
 
@@ -615,8 +548,8 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
     backend, how often the judge reads back every attribute of held-out single-object prompts
     (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts)."""
-    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.eval.builtin_quality import eval_generation
+    from dds.models.stable_diffusion import StableDiffusionModel
     from dds.world import Judge
 
     export_pipeline_folder(model_dir, vae, unet, text_encoder, tokenizer)
@@ -627,6 +560,145 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     return r
 
 
+class _UNetStage:
+    """Stage 2's models, optimiser, EMA and counters, and what one step and a checkpoint do."""
+
+    def __init__(self, cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, pretrained_text=None):
+        self.cfg, self.run_dir, self.vae, self.tokenizer = cfg, run_dir, vae, tokenizer
+        self.ckpt_path = run_dir / "unet.pt"
+        self.log, self.judged = loss_log(run_dir), judge_log(run_dir)
+        torch.manual_seed(cfg.seed + 1)
+        self.text_encoder = C.build_text_encoder(cfg.text)
+        self.unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
+        if pretrained_text is not None:
+            self.text_encoder.load_state_dict(pretrained_text.state_dict())
+        self.text_frozen = cfg.text_lr == 0
+        self.text_encoder.requires_grad_(not self.text_frozen)
+        self.modules = {"unet": self.unet, "text_encoder": self.text_encoder}
+        groups = [{"params": list(self.unet.parameters()), "base_lr": cfg.unet_lr}]
+        if not self.text_frozen:
+            groups.append({"params": list(self.text_encoder.parameters()),
+                           "base_lr": cfg.text_lr})
+        self.trained = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.modules, cfg.ema_decay)
+        self.at, self.ema_updates = Counter(), 0
+        self.noise_sched = make_noise_scheduler()
+        self.sf = float(vae.config.scaling_factor)
+
+    def resume(self, resume: bool) -> None:
+        """Continue from unet.pt when asked and present; drop the log rows the run will redo."""
+        done = -1  # no step kept: the stage starts over
+        if resume and self.ckpt_path.exists():
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            self.unet.load_state_dict(ck["unet"])
+            self.text_encoder.load_state_dict(ck["text_encoder"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.ema.load_state_dict(ck["ema"])
+            set_rng_states(ck["rng"])
+            self.at, self.ema_updates = Counter(ck["step"], ck["seconds"]), ck["ema_updates"]
+            done = self.at.step
+        truncate_after(self.log, "unet", done)
+        truncate_after(self.judged, "unet", done)
+
+    def save(self) -> None:
+        save_state({"stage": "unet", "config": self.cfg.to_dict(), "unet": self.unet.state_dict(),
+                    "text_encoder": self.text_encoder.state_dict(),
+                    "optimizer": self.opt.state_dict(), "ema": self.ema.state_dict(),
+                    "ema_updates": self.ema_updates, "rng": rng_states(), "step": self.at.step,
+                    "seconds": self.at.seconds,
+                    "vae_scaling_factor": self.vae.config.scaling_factor}, self.ckpt_path)
+
+    def loss(self, step: int) -> torch.Tensor:
+        """The epsilon objective on step's batch (its noise, timesteps and caption drops)."""
+        cfg = self.cfg
+        g_step = step_generator(cfg.seed, "unet", step)
+        batch = batch_at(cfg, "unet", step, cfg.batch_size)
+        bs = len(batch["caption"])
+        with torch.no_grad():
+            lat = self.vae.encode(to_pm1(batch["image"])).latent_dist.sample(generator=g_step)
+            lat = lat * self.sf
+        drop = torch.rand(bs, generator=g_step) < cfg.cfg_drop
+        caps = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
+        noise = torch.randn(lat.shape, generator=g_step)
+        ts = torch.randint(0, self.noise_sched.config.num_train_timesteps, (bs,), generator=g_step)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn(
+                (bs, lat.shape[1], 1, 1), generator=g_step)
+        noisy = self.noise_sched.add_noise(lat, noise, ts)
+        with torch.set_grad_enabled(not self.text_frozen):
+            ctx = encode_text(self.text_encoder, self.tokenizer, caps)
+        pred = self.unet(noisy, ts, ctx).sample
+        w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1], cfg.object_loss_weight)
+             if cfg.object_loss_weight else None)
+        return weighted_mse(pred, noise, w)
+
+    def one_step(self, step: int):
+        cfg = self.cfg
+        lr_scale = warmup_cosine(step, cfg.unet_steps, 1.0, cfg.unet_warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        loss = self.loss(step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained, cfg.grad_clip)
+        self.opt.step()
+        if step + 1 >= cfg.ema_start:
+            self.ema.update(self.modules, self.ema_updates)
+            self.ema_updates += 1
+        else:  # before EMA starts, the shadow simply follows the weights
+            self.ema.copy_from(self.modules)
+        return loss, cfg.unet_lr * lr_scale
+
+    def ema_models(self):
+        u = C.build_unet(self.cfg.unet, cross_attention_dim=self.cfg.text.hidden_size)
+        t = C.build_text_encoder(self.cfg.text)
+        u.load_state_dict(self.ema.shadow["unet"])
+        t.load_state_dict(self.ema.shadow["text_encoder"])
+        return u.eval(), t.eval()
+
+    def sample_grid(self, step: int) -> None:
+        u, t = self.ema_models()
+        caps = list(self.cfg.sample_captions)
+        imgs = [ddim_sample(u, t, self.tokenizer, self.vae, caps, steps=self.cfg.sample_steps,
+                            seed=s) for s in range(2)]
+        save_grid(torch.cat(imgs), self.run_dir / "samples" / f"unet_{step:06d}.png",
+                  ncol=len(caps))
+
+    def judge_row(self, step: int) -> dict:
+        u, t = self.ema_models()
+        r = judge_reading(self.cfg, self.run_dir / "latest-model", self.vae, u, t, self.tokenizer)
+        self.judged.write({"stage": "unet", "step": step, "seconds": f"{self.at.seconds:.1f}",
+                           **{k: "" if r[k] is None else f"{r[k]:.4f}"
+                              for k in JUDGE_FIELDS[2:-1]}})
+        return r
+
+    def after(self, step: int, bar) -> None:
+        cfg = self.cfg
+        last = step == cfg.unet_steps
+        if step % cfg.ckpt_every == 0 or last:
+            self.save()
+        if step % cfg.sample_every == 0 or last:
+            self.sample_grid(step)
+        if cfg.judge_every and (step % cfg.judge_every == 0 or last):
+            reading = self.judge_row(step)
+            if bar:
+                bar.write(f"step {step}: judge agrees with every attribute of "
+                          f"{reading['all_attributes']:.0%} of {reading['n']} prompts "
+                          f"(object shape {reading['object_shape']:.0%}, "
+                          f"colour {reading['object_color']:.0%})")
+
+    def info(self) -> dict:
+        rows = [r for r in self.log.rows() if r["stage"] == "unet"]
+        tail = [float(r["loss"]) for r in rows[-20:]]
+        info = {"steps": self.at.step, "seconds": round(self.at.seconds, 1),
+                "final_loss": sum(tail) / max(1, len(tail)), "ema_updates": self.ema_updates}
+        readings = [r for r in self.judged.rows() if r["stage"] == "unet"]
+        if readings:
+            info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
+        return info
+
+
 def train_unet(
     cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list,
     pretrained_text=None,
@@ -635,161 +707,16 @@ def train_unet(
 
     `pretrained_text`: stage 0's encoder to start from (else a fresh one); with text_lr 0 it
     stays frozen."""
-    ckpt_path = run_dir / "unet.pt"
-    log = CsvLog(run_dir / "log.csv")
-    judged = CsvLog(run_dir / "eval.csv", JUDGE_FIELDS)
-    torch.manual_seed(cfg.seed + 1)
-    text_encoder = C.build_text_encoder(cfg.text)
-    unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
-    if pretrained_text is not None:
-        text_encoder.load_state_dict(pretrained_text.state_dict())
-    text_frozen = cfg.text_lr == 0
-    text_encoder.requires_grad_(not text_frozen)
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    groups = [{"params": list(unet.parameters()), "base_lr": cfg.unet_lr}]
-    if not text_frozen:
-        groups.append({"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr})
-    trained = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
-    ema = EMA(modules, cfg.ema_decay)
-    step, seconds, ema_updates = 0, 0.0, 0
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        unet.load_state_dict(ck["unet"])
-        text_encoder.load_state_dict(ck["text_encoder"])
-        opt.load_state_dict(ck["optimizer"])
-        ema.load_state_dict(ck["ema"])
-        set_rng_states(ck["rng"])
-        step, seconds, ema_updates = ck["step"], ck["seconds"], ck["ema_updates"]
-        log.truncate_after("unet", step)
-        judged.truncate_after("unet", step)
-    else:
-        log.truncate_after("unet", -1)
-        judged.truncate_after("unet", -1)
-
-    def save() -> None:
-        atomic_torch_save(
-            {
-                "stage": "unet",
-                "config": cfg.to_dict(),
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "optimizer": opt.state_dict(),
-                "ema": ema.state_dict(),
-                "ema_updates": ema_updates,
-                "rng": rng_states(),
-                "step": step,
-                "seconds": seconds,
-                "vae_scaling_factor": vae.config.scaling_factor,
-            },
-            ckpt_path,
-        )
-
-    def ema_models():
-        u = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
-        t = C.build_text_encoder(cfg.text)
-        u.load_state_dict(ema.shadow["unet"])
-        t.load_state_dict(ema.shadow["text_encoder"])
-        return u.eval(), t.eval()
-
-    def sample_grid() -> None:
-        u, t = ema_models()
-        caps = list(cfg.sample_captions)
-        imgs = [
-            ddim_sample(u, t, tokenizer, vae, caps, steps=cfg.sample_steps, seed=s)
-            for s in range(2)
-        ]
-        save_grid(torch.cat(imgs), run_dir / "samples" / f"unet_{step:06d}.png", ncol=len(caps))
-
-    def judge_row() -> dict:
-        u, t = ema_models()
-        r = judge_reading(cfg, run_dir / "latest-model", vae, u, t, tokenizer)
-        judged.write_row({"stage": "unet", "step": step, "seconds": f"{seconds:.1f}",
-                          **{k: "" if r[k] is None else f"{r[k]:.4f}"
-                             for k in JUDGE_FIELDS[2:-1]}})
-        return r
-
-    noise_sched = make_noise_scheduler()
-    sf = float(vae.config.scaling_factor)
-    bar = _progress(cfg.unet_steps, step, "unet", progress)
-    unet.train()
-    text_encoder.train(not text_frozen)
-    acc, n_acc = 0.0, 0
-    while step < cfg.unet_steps:
-        if budget[0] is not None and budget[0] <= 0:
-            if bar:
-                bar.close()
-            return None, None, {}
-        t0 = time.perf_counter()
-        lr_scale = lr_at(step, cfg.unet_steps, 1.0, cfg.unet_warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_scale
-        g_step = step_generator(cfg.seed, "unet", step)
-        batch = batch_at(cfg, "unet", step, cfg.batch_size)
-        bs = len(batch["caption"])
-        with torch.no_grad():
-            lat = vae.encode(to_pm1(batch["image"])).latent_dist.sample(generator=g_step) * sf
-        drop = torch.rand(bs, generator=g_step) < cfg.cfg_drop
-        caps = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
-        noise = torch.randn(lat.shape, generator=g_step)
-        ts = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=g_step)
-        if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn(
-                (bs, lat.shape[1], 1, 1), generator=g_step)
-        noisy = noise_sched.add_noise(lat, noise, ts)
-        with torch.set_grad_enabled(not text_frozen):
-            ctx = encode_text(text_encoder, tokenizer, caps)
-        pred = unet(noisy, ts, ctx).sample
-        w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1], cfg.object_loss_weight)
-             if cfg.object_loss_weight else None)
-        loss = weighted_mse(pred, noise, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
-        opt.step()
-        step += 1
-        if step >= cfg.ema_start:
-            ema.update(modules, ema_updates)
-            ema_updates += 1
-        else:  # before EMA starts, the shadow simply follows the weights
-            ema.copy_from(modules)
-        seconds += time.perf_counter() - t0
-        if budget[0] is not None:
-            budget[0] -= 1
-        acc, n_acc = acc + loss.detach().item(), n_acc + 1
-        if step % cfg.log_every == 0 or step == cfg.unet_steps:
-            log.write("unet", step, acc / n_acc, cfg.unet_lr * lr_scale, seconds)
-            if bar:
-                bar.set_postfix(loss=f"{acc / n_acc:.4f}", lr=f"{cfg.unet_lr * lr_scale:.2e}")
-            acc, n_acc = 0.0, 0
-        if bar:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.unet_steps:
-            save()
-        if step % cfg.sample_every == 0 or step == cfg.unet_steps:
-            sample_grid()
-        if cfg.judge_every and (step % cfg.judge_every == 0 or step == cfg.unet_steps):
-            reading = judge_row()
-            if bar:
-                bar.write(f"step {step}: judge agrees with every attribute of "
-                          f"{reading['all_attributes']:.0%} of {reading['n']} prompts "
-                          f"(object shape {reading['object_shape']:.0%}, "
-                          f"colour {reading['object_color']:.0%})")
-    if bar:
-        bar.close()
-    u, t = ema_models()
-    rows = [r for r in log.rows() if r["stage"] == "unet"]
-    tail = [float(r["loss"]) for r in rows[-20:]]
-    info = {
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "final_loss": sum(tail) / max(1, len(tail)),
-        "ema_updates": ema_updates,
-    }
-    readings = [r for r in judged.rows() if r["stage"] == "unet"]
-    if readings:
-        info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
-    return u, t, info
+    st = _UNetStage(cfg, run_dir, vae, tokenizer, pretrained_text)
+    st.resume(resume)
+    bar = _progress(cfg.unet_steps, st.at.step, "unet", progress)
+    st.unet.train()
+    st.text_encoder.train(not st.text_frozen)
+    if not run_steps("unet", cfg.unet_steps, st.at, cfg, st.log, bar, budget, st.one_step,
+                     lambda step: st.after(step, bar)):
+        return None, None, {}
+    u, t = st.ema_models()
+    return u, t, st.info()
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,13 +734,15 @@ def export_pipeline_folder(
 ) -> Path:
     """Write a complete diffusers ``StableDiffusionPipeline`` folder (fp32 safetensors).
 
-    The folder is assembled next to ``out_dir`` and swapped in at the end, so a reader never
-    sees a half-written model. ``training`` (if given) is written as ``training.json``.
+    The folder is assembled beside ``out_dir``, flushed to disk and swapped in at the end, so a
+    reader never sees a half-written model (``dds.training.toolkit.staged_folder``; no manifest:
+    the folder stays a stock diffusers folder). ``training`` (if given) is written as
+    ``training.json``.
     """
     from diffusers import StableDiffusionPipeline
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from dds.tokenizer import write_vocab_files
+
     pipe = StableDiffusionPipeline(
         vae=vae.float().eval(),
         text_encoder=text_encoder.float().eval(),
@@ -824,34 +753,16 @@ def export_pipeline_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staged_folder(out_dir, manifest=False) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Also the classic vocab.json / merges.txt, for transformers releases whose
         # CLIPTokenizer does not read tokenizer.json.
-        from dds.tokenizer import write_vocab_files
-
         write_vocab_files(tmp / "tokenizer")
         if training is not None:
             (tmp / "training.json").write_text(
                 json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
             )
-        for p in tmp.rglob("*"):
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        old = None
-        if out.exists():
-            old = out.parent / (out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def folder_size_mb(folder: Path) -> float:
@@ -877,6 +788,12 @@ def _check_config(run_dir: Path, cfg: C.TrainConfig, resume: bool) -> None:
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
+def export_dir(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None) -> Path:
+    """Where the trained model goes: ``out_dir`` when given, else ``run_dir/model`` (never the
+    installed package unless the user names that folder)."""
+    return Path(out_dir) if out_dir is not None else Path(run_dir) / "model"
+
+
 def train_builtin(
     cfg: C.TrainConfig,
     run_dir: str | os.PathLike,
@@ -887,27 +804,24 @@ def train_builtin(
     stop_after: int | None = None,
     command: str | None = None,
 ) -> dict:
-    """Train (or resume) the built-in model and export it to ``out_dir``.
+    """Train (or resume) the built-in model and export it to ``out_dir`` (default:
+    ``run_dir/model``; the packaged model is replaced only when ``out_dir`` names it).
 
     ``stop_after`` stops after that many autoencoder and UNet optimisation steps in this call
     (as if the run had been killed after its last checkpoint; stage 0, a few minutes, always
-    runs to its end); the return value then has ``"finished": False``.
+    runs to its end); the return value then has ``"finished": False``.  Torch's thread count
+    is the caller's: the command line sets ``cfg.threads`` once for the whole run.
     """
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT
+    out_dir = export_dir(run_dir, out_dir)
     if not resume:
         for name in ("text.pt", "vae.pt", "unet.pt", "log.csv"):
             if (run_dir / name).exists():
                 (run_dir / name).unlink()
     _check_config(run_dir, cfg, resume)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.threads)))
-    try:
-        return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command)
-    finally:
-        torch.set_num_threads(threads_before)
+    return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command)
 
 
 def _train_builtin(
@@ -956,15 +870,13 @@ def _train_builtin(
             "diffusers": _version("diffusers"),
             "transformers": _version("transformers"),
         },
-        "threads": cfg.threads,
+        "threads": torch.get_num_threads(),  # the run's (the command line sets cfg.threads)
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds_this_call": round(time.time() - t_start, 1),
     }
     export_pipeline_folder(out_dir, vae, unet, text_encoder, tokenizer, training)
     training["size_mb"] = round(folder_size_mb(out_dir), 2)
-    (out_dir / "training.json").write_text(
-        json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
-    )
+    atomic_write_text(out_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
     return {"finished": True, "out_dir": str(out_dir), **training}
 
@@ -979,13 +891,17 @@ def _version(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from dds.console import Parser
+
+    p = Parser(
         prog="dds train-builtin",
         description="Train the built-in text-to-image model on the procedural world and export "
         "it as a diffusers Stable Diffusion folder (resumable; seeded).",
     )
     p.add_argument("--run-dir", default="runs/builtin", help="checkpoints, log.csv, samples")
-    p.add_argument("--out", default=None, help="exported model folder (default: packaged one)")
+    p.add_argument("--out", default=None,
+                   help="exported model folder (default: RUN_DIR/model; name "
+                   "src/dds/assets/builtin-model to replace the packaged model)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
@@ -1004,17 +920,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, set once for the whole run (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = C.tiny() if args.tiny else C.default()
-    cfg = C.with_overrides(
-        cfg,
+def config_from_args(args) -> C.TrainConfig:
+    """The run's config: the tiny or default recipe with the options given."""
+    return C.with_overrides(
+        C.tiny() if args.tiny else C.default(),
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
@@ -1027,6 +943,18 @@ def main(argv: list[str] | None = None) -> int:
         text_lr=args.text_lr,
         vae_object_loss_weight=args.vae_object_loss_weight,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The entry point: `dds train-builtin ...` or `python -m dds.builtin.train ...`."""
+    from dds.console import configure_process
+
+    configure_process()
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    # The thread count is part of the recipe (CPU kernels round differently with another one),
+    # so the entry point sets it once for the whole run.
+    torch.set_num_threads(max(1, int(cfg.threads)))
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
     res = train_builtin(
@@ -1047,4 +975,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DDSError as e:
+        print(f"dds train-builtin: error: {e}", file=sys.stderr)
+        sys.exit(2)

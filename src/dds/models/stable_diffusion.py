@@ -159,6 +159,7 @@ class StableDiffusionModel:
         hf_logging.disable_progress_bar()  # loading is quick; the bar only clutters stderr
         self._root = resolve_model_dir(model)
         variants = check_model_dir(self._root)
+        self._variants = variants
         self.device = torch.device(device) if device else default_device()
         if dtype == "auto":
             dtype = "fp16" if self.device.type == "cuda" else "fp32"
@@ -253,11 +254,23 @@ class StableDiffusionModel:
 
     def copy_denoiser(self, dtype: torch.dtype | None = None,
                       trainable: bool = False) -> torch.nn.Module:
-        """A private copy of the UNet (the model's own stays frozen and unchanged)."""
-        unet = copy.deepcopy(self.unet)
-        if dtype is not None:
-            unet = unet.to(dtype)
-        return unet.train().requires_grad_(True) if trainable else unet
+        """A private copy of the UNet (the model's own stays frozen and unchanged).
+
+        A copy in a wider dtype than the loaded weights (float32 from an fp16 model on a GPU) is
+        read from the folder again, so that it starts from the stored weights, not from their
+        half-precision rounding."""
+        own = next(self.unet.parameters()).dtype
+        if dtype is not None and dtype != own and torch.finfo(dtype).bits > torch.finfo(own).bits:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(
+                self._root, subfolder="unet", variant=self._variants.get("unet"),
+                torch_dtype=dtype).to(self.device)
+        else:
+            unet = copy.deepcopy(self.unet)
+            if dtype is not None and dtype != own:
+                unet = unet.to(dtype)
+        return unet.train().requires_grad_(True) if trainable else unet.eval().requires_grad_(False)
 
     def fast_denoiser(self, dtype: torch.dtype | None = None,
                       private: bool = False) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """The one-pass translation network g_theta(zhat | k) of the paper's Section 4.
 
-g starts as a copy of the backend's diffusion UNet (a diffusers `UNet2DConditionModel`), with
+g starts as a copy of the base model's diffusion UNet (a diffusers `UNet2DConditionModel`), with
 its three inputs repurposed:
 
 | UNet input            | diffusion model          | translation network                              |
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from dds.errors import DDSError
+from dds.training.toolkit import latest_good
 
 T_INIT = 500  # the paper's "t = 0.5" on a 1000-step schedule
 
@@ -65,10 +66,11 @@ class NetConfig:
 
     unet: dict  # the diffusers UNet config
     tasks: list[dict]  # Task.to_dict() of each task, in embedding order
-    base_model: str  # the backend's model folder ("builtin" for the built-in model)
+    base_model: str  # the base model's folder ("builtin" for the built-in model)
     resolution: int  # training image side in pixels
     residual: bool = True
     train: dict = field(default_factory=dict)  # the training config, for the record
+    base_identity: dict = field(default_factory=dict)  # the base model's identity(), for the record
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
@@ -201,8 +203,6 @@ def resolve_checkpoint(path) -> Path:
     if (p / "model" / "translation.json").is_file():
         return p / "model"
     if (p / "checkpoints").is_dir():
-        from dds.translate.train import latest_good
-
         good = latest_good(p, warn=lambda m: print(f"dds: warning: {m}", file=sys.stderr))
         if good is not None:
             return good
@@ -243,7 +243,7 @@ class Translator:
         else:
             base = base_model or self.cfg.base_model
             if base == "builtin":
-                from dds.builtin import builtin_model_dir
+                from dds.models.registry import builtin_model_dir
 
                 base = builtin_model_dir()
             vae_dir = Path(base) / "vae"
@@ -285,8 +285,8 @@ class Translator:
 
     def __call__(self, images, task, batch_size: int = 8) -> list:
         """Paths, PIL images or arrays -> edited PIL images (working size: the training one)."""
-        from dds.pipeline import as_image
         from dds.images import pil_to_tensor, prepare, tensor_to_pil
+        from dds.pipeline import as_image
 
         self.task_id(task)
         if isinstance(images, (str, Path)) or not isinstance(images, (list, tuple)):

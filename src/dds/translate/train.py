@@ -22,30 +22,39 @@ Run folder:
     checkpoints/step-N/    unet.safetensors, tasks.safetensors, translation.json,
                            optimizer.pt, state.json, manifest.json (sizes + sha256, written last;
                            the folder appears by an atomic rename)
-    model/                 the final network + a copy of the base VAE: all `dds translate` needs
+    model/                 the final network + the base model's VAE: all `dds translate` needs
+
+The base model's own folder is only read, never written.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dds.errors import DDSError
+from dds.methods import METHODS, get_method
+from dds.models.base import Conditioning
+from dds.training.toolkit import (
+    CsvLog,
+    checkpoint_dir,
+    latest_good,
+    list_checkpoints,
+    problem,
+    prune_checkpoints,
+    staged_folder,
+)
 
-CHECKPOINTS = "checkpoints"
 MODEL = "model"
 LOG_FIELDS = ["step", "images", "lr", "guidance", "lambda_id", "dds_grad_norm", "id_mse",
               "loss_id", "grad_norm", "images_per_s", "seconds"]
@@ -72,7 +81,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    score: str = "dds"  # "dds" or "sds" (ablation)
+    score: str = "dds"  # a method of dds.methods: "dds", or "sds" (the ablation)
     guidance_start: float = 1.0
     guidance_end: float | None = None  # default: TRAIN_GUIDANCE (7.5)
     guidance_warmup: float = 0.5  # fraction of the steps over which w rises linearly
@@ -110,8 +119,8 @@ class TrainConfig:
             bad("lr", "it must be > 0")
         if not 0 <= self.guidance_warmup <= 1:
             bad("guidance_warmup", "it is a fraction of the steps, between 0 and 1")
-        if self.score not in ("dds", "sds"):
-            bad("score", "use 'dds' or 'sds'")
+        if self.score not in METHODS:
+            bad("score", "use one of " + ", ".join(repr(m) for m in METHODS))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             bad("mixed_precision", "use 'no', 'fp16' or 'bf16'")
         if self.on_bad_data not in ("skip", "error"):
@@ -155,128 +164,29 @@ def guidance(step: int, cfg: TrainConfig, w_end: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: written in a hidden folder, then renamed; verified by a manifest on load
+# Checkpoints and the exported model: sealed folders (dds.training.toolkit)
 # --------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def seal(folder: Path, names: list[str]) -> None:
-    """Write manifest.json (size and sha256 of each file) after flushing the files to disk."""
-    entries = {}
-    for n in names:
-        p = folder / n
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-        entries[n] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    with open(folder / "manifest.json", "w", encoding="utf-8") as f:
-        json.dump({"files": entries}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete, intact checkpoint; None when it is."""
-    man = folder / "manifest.json"
-    if not man.is_file():
-        return "it has no manifest.json, so it was never finished"
-    try:
-        entries = json.loads(man.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its manifest.json is unreadable"
-    for name, e in entries.items():
-        p = folder / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != e["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes instead of {e['bytes']}"
-        if _sha256(p) != e["sha256"]:
-            return f"{name} does not match its recorded checksum"
-    return None
-
-
-def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every step-N folder of a run, oldest first (not verified)."""
-    out = []
-    for p in (Path(run) / CHECKPOINTS).glob("step-*"):
-        try:
-            out.append((int(p.name.split("-", 1)[1]), p))
-        except ValueError:
-            continue
-    return sorted(out)
-
-
-def latest_good(run: Path, warn=print) -> Path | None:
-    """The newest intact checkpoint; each damaged newer one is reported in one sentence."""
-    for _, p in reversed(list_checkpoints(run)):
-        why = problem(p)
-        if why is None:
-            return p
-        warn(f"checkpoint '{p}' is damaged ({why}) and is skipped; trying the one before it")
-    return None
 
 
 def write_checkpoint(run: Path, step: int, net, netcfg, optimizer, scaler, keep: int) -> Path:
     """Atomically write checkpoints/step-N and keep only the `keep` newest ones."""
-    root = Path(run) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    names = net.save(tmp, netcfg)
-    torch.save({"optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
-    seal(tmp, [*names, "optimizer.pt", "state.json"])
-    if final.exists():  # a rerun over a step written before: replace it
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, p in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step-*"):  # leftovers of killed runs
-        shutil.rmtree(p, ignore_errors=True)
+    final = checkpoint_dir(run, step)
+    with staged_folder(final) as tmp:
+        net.save(tmp, netcfg)
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+    prune_checkpoints(run, keep)
     return final
 
 
-def export_model(run: Path, net, netcfg, backend) -> Path:
-    """run/model: the network, its config, and a copy of the base VAE (atomic, sealed)."""
-    final = Path(run) / MODEL
-    tmp = Path(run) / f".tmp-model-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    names = net.save(tmp, netcfg)
-    vae = Path(backend.root) / "vae"
-    shutil.copytree(vae, tmp / "vae")
-    names += [str(p.relative_to(tmp)) for p in sorted((tmp / "vae").rglob("*")) if p.is_file()]
-    seal(tmp, names)
-    if final.exists():
-        old = Path(run) / f".old-model-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+def export_model(run: Path, net, netcfg, model) -> Path:
+    """run/model: the network, its config, and the base model's VAE (atomic, sealed)."""
+    with staged_folder(Path(run) / MODEL) as tmp:
+        net.save(tmp, netcfg)
+        model.save_autoencoder(tmp / "vae")
+    return Path(run) / MODEL
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,28 +195,32 @@ def export_model(run: Path, net, netcfg, backend) -> Path:
 
 
 class _Cache:
-    """Latents and prompt embeddings, each computed alone (batch of one) so that its bits do not
-    depend on which other items share a batch: a resumed run sees the same numbers."""
+    """Latents and prompt conditionings, each computed alone (batch of one) so that its bits do
+    not depend on which other items share a batch: a resumed run sees the same numbers."""
 
-    def __init__(self, backend, pool, limit: int = 8192):
-        self.backend, self.pool, self.limit = backend, pool, limit
+    def __init__(self, model, pool, limit: int = 8192):
+        self.model, self.pool, self.limit = model, pool, limit
         self.lat: dict[int, torch.Tensor] = {}
-        self.emb: dict[str, torch.Tensor] = {}
+        self.cond: dict[str, Conditioning] = {}
 
     def latent(self, i: int) -> torch.Tensor:
         if i not in self.lat:
             if len(self.lat) >= self.limit:
                 self.lat.clear()
             x = self.pool.image(i).unsqueeze(0) * 2 - 1  # (1,3,H,W) in [-1,1]
-            self.lat[i] = self.backend.encode(x)[0].float()  # (C,h,w)
+            self.lat[i] = self.model.encode(x)[0].float()  # (C,h,w)
         return self.lat[i]
 
-    def prompt(self, text: str) -> torch.Tensor:
-        if text not in self.emb:
-            if len(self.emb) >= self.limit:
-                self.emb.clear()
-            self.emb[text] = self.backend.encode_prompt([text])[0].float()  # (L,D)
-        return self.emb[text]
+    def prompt(self, text: str) -> Conditioning:
+        if text not in self.cond:
+            if len(self.cond) >= self.limit:
+                self.cond.clear()
+            self.cond[text] = self.model.encode_prompt([text]).float()  # 1 row
+        return self.cond[text]
+
+    def prompts(self, texts: list[str], device) -> Conditioning:
+        """The conditionings of `texts`, one row each, stacked in order."""
+        return Conditioning.cat([self.prompt(y) for y in texts]).to(device)
 
 
 def _make_pool(cfg: TrainConfig, size: int):
@@ -322,7 +236,7 @@ def _make_pool(cfg: TrainConfig, size: int):
 
 def _val_grid(net, cache, table, pool, device, n: int) -> np.ndarray:
     """Rows: the first n sources some task applies to; columns: source, then each task."""
-    backend = cache.backend
+    model = cache.model
     seen: list[int] = []
     for srcs in table.sources:
         for i in srcs[:n]:
@@ -336,7 +250,7 @@ def _val_grid(net, cache, table, pool, device, n: int) -> np.ndarray:
         for k in range(len(table.tasks)):
             ids = torch.full((len(rows),), k, dtype=torch.long, device=device)
             z = net(z_hat, ids).float()
-            cols.append(((backend.decode(z).cpu() + 1) / 2).clamp(0, 1))
+            cols.append(((model.decode(z).cpu() + 1) / 2).clamp(0, 1))
     grid = torch.stack(cols, 1)  # (n, 1+M, 3, H, W)
     n_r, n_c, _, h, w = grid.shape
     img = grid.permute(0, 3, 1, 4, 2).reshape(n_r * h, n_c * w, 3)
@@ -350,27 +264,6 @@ def _draw(rng: np.random.Generator, cfg: TrainConfig, shape) -> tuple[torch.Tens
     return t, eps
 
 
-class _Log:
-    def __init__(self, run: Path, start: int, active: bool):
-        self.path = run / "log.csv"
-        self.active = active
-        if not active:
-            return
-        rows = []
-        if self.path.is_file() and start > 0:  # drop rows of steps the resume will redo
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        if self.active:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, LOG_FIELDS).writerow({k: row.get(k, "") for k in LOG_FIELDS})
-
-
 def _tensorboard_available() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -382,66 +275,94 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
-    """Train g; returns the run folder (its `model/` is the final network)."""
-    from accelerate import Accelerator
-    from diffusers import UNet2DConditionModel
+class _Voice:
+    """The trainer's messages on stderr, from the main process only."""
 
+    def __init__(self, main: bool, quiet: bool):
+        self.main, self.quiet = main, quiet
+
+    def say(self, msg: str) -> None:
+        if self.main and not self.quiet:
+            print(f"dds translate-train: {msg}", file=sys.stderr)
+
+    def warn(self, msg: str) -> None:
+        if self.main:
+            print(f"dds translate-train: warning: {msg}", file=sys.stderr)
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """The run folder must lie outside the base model's folder: training never writes there."""
+    from dds.models.registry import BUILTIN_DIR
+
+    out = Path(cfg.out).resolve()
+    base = BUILTIN_DIR if cfg.model is None else Path(cfg.model)
+    if base.is_dir() and (out == base.resolve() or base.resolve() in out.parents):
+        raise DDSError(f"--out '{cfg.out}' is inside the base model's folder '{base}'; choose a "
+                       "run folder elsewhere (training never writes into the model)")
+
+
+def _start_point(cfg: TrainConfig, run: Path, voice: _Voice) -> Path | None:
+    """The checkpoint to resume from (None: the base model); refuses a mismatched resume and
+    a fresh start over an existing run."""
+    if not cfg.resume:
+        if list_checkpoints(run):
+            raise DDSError(f"'{run}' already holds a training run; add --resume latest to "
+                           "continue it, or choose another --out folder")
+        return None
+    saved = run / "config.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        new = cfg.to_dict()
+        diff = sorted(k for k in new if k not in RESUMABLE and old.get(k) != new[k])
+        if diff:
+            raise DDSError(
+                f"cannot resume '{run}' with a different {diff[0].replace('_', '-')} "
+                f"({old.get(diff[0])!r} before, {new[diff[0]]!r} now); use the same settings "
+                "or a new --out folder"
+            )
+    if cfg.resume == "latest":
+        start_from = latest_good(run, voice.warn)
+        if start_from is None:
+            voice.say(f"no checkpoint in '{run}' yet; starting from the base model")
+        return start_from
+    start_from = Path(cfg.resume)
+    why = problem(start_from) if start_from.is_dir() else "it does not exist"
+    if why:
+        raise DDSError(f"checkpoint '{start_from}' cannot be resumed from: {why}")
+    return start_from
+
+
+def _base_label(cfg: TrainConfig, model) -> str:
+    """How translation.json names the base model: "builtin", or the folder the user gave."""
+    from dds.models.registry import is_builtin
+
+    if is_builtin(model) or cfg.model is None:
+        return "builtin"
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else str(cfg.model)
+
+
+@dataclass
+class _Job:
+    """Everything one training run works with, built once."""
+
+    model: Any
+    pool: Any
+    table: Any
+    net: Any
+    netcfg: Any
+    optimizer: Any
+    w_end: float
+
+
+def _build(cfg: TrainConfig, device, voice: _Voice) -> _Job:
+    """The base model, the data, the network g (a copy of the base UNet) and its optimiser."""
     from dds.pipeline import get_model
-    from dds.images import save_png
-    from dds.progress import progress_bar
-    from dds.score import dds_grad, grad_to_loss, sds_grad
     from dds.translate.data import TaskTable, load_tasks
     from dds.translate.network import NetConfig, TranslationNet
 
-    run = Path(cfg.out)
-    tb = _tensorboard_available()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
-        log_with="tensorboard" if tb else None, project_dir=str(run),
-    )
-    main = accelerator.is_main_process
-    rank = accelerator.process_index
-
-    def say(msg):
-        if main and not cfg.quiet:
-            print(f"dds translate-train: {msg}", file=sys.stderr)
-
-    def warn(msg):
-        if main:
-            print(f"dds translate-train: warning: {msg}", file=sys.stderr)
-
-    # ---- where to start ---------------------------------------------------------------
-    start_from: Path | None = None
-    if cfg.resume:
-        saved = run / "config.json"
-        if saved.is_file():
-            old = json.loads(saved.read_text(encoding="utf-8"))
-            new = cfg.to_dict()
-            diff = sorted(k for k in new if k not in RESUMABLE and old.get(k) != new[k])
-            if diff:
-                raise DDSError(
-                    f"cannot resume '{run}' with a different {diff[0].replace('_', '-')} "
-                    f"({old.get(diff[0])!r} before, {new[diff[0]]!r} now); use the same settings "
-                    "or a new --out folder"
-                )
-        if cfg.resume == "latest":
-            start_from = latest_good(run, warn)
-            if start_from is None:
-                say(f"no checkpoint in '{run}' yet; starting from the base model")
-        else:
-            start_from = Path(cfg.resume)
-            why = problem(start_from) if start_from.is_dir() else "it does not exist"
-            if why:
-                raise DDSError(f"checkpoint '{start_from}' cannot be resumed from: {why}")
-    elif list_checkpoints(run):
-        raise DDSError(f"'{run}' already holds a training run; add --resume latest to continue "
-                       "it, or choose another --out folder")
-
-    # ---- model, data, network ---------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    backend = get_model(cfg.model, device=str(accelerator.device))
-    size = cfg.resolution or backend.native_size
+    model = get_model(cfg.model, device=str(device))
+    size = cfg.resolution or model.native_size
     # Not the model's zero-shot edit guidance: that one is tuned together with the step size of
     # a 200-step optimisation, while here the guidance alone sets how hard DDS pulls against
     # the identity loss.  The paper's (and the reference's) CFG scale is the default.
@@ -449,113 +370,149 @@ def train(cfg: TrainConfig, _hang_after: int | None = None) -> Path:
     tasks = load_tasks(cfg.tasks)
     pool = _make_pool(cfg, size)
     table = TaskTable.build(pool, tasks)
-    say(f"{len(pool)} source images; tasks: " + ", ".join(
+    voice.say(f"{len(pool)} source images; tasks: " + ", ".join(
         f"{t.name} ({len(s)} sources)" for t, s in zip(tasks, table.sources, strict=True)))
-    unet = UNet2DConditionModel.from_pretrained(backend.root, subfolder="unet")
-    unet_config = dict(unet.config)
-    phrases = backend.encode_prompt([t.phrase for t in tasks]).float().cpu()  # (M,L,D)
+    # On the CPU until accelerate places it, as the network is built there.
+    unet = model.copy_denoiser(dtype=torch.float32, trainable=True).to("cpu")
+    phrases = model.encode_prompt([t.phrase for t in tasks]).float().to("cpu").embeds  # (M,L,D)
     net = TranslationNet.from_unet(unet, phrases, residual=cfg.residual)
-    base = "builtin" if cfg.model is None else str(Path(backend.root).resolve())
-    netcfg = NetConfig(unet=unet_config, tasks=[t.to_dict() for t in tasks], base_model=base,
-                       resolution=size, residual=cfg.residual, train=cfg.to_dict())
+    netcfg = NetConfig(unet=dict(unet.config), tasks=[t.to_dict() for t in tasks],
+                       base_model=_base_label(cfg, model), resolution=size,
+                       residual=cfg.residual, train=cfg.to_dict(), base_identity=model.identity())
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    if start_from is not None:
-        net.load_weights(start_from)
-        state = torch.load(start_from / "optimizer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step = json.loads((start_from / "state.json").read_text())["step"]
-        say(f"resuming from '{start_from}' at step {step}")
-    net, optimizer = accelerator.prepare(net, optimizer)
-    if start_from is not None and accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    raw = accelerator.unwrap_model(net)
+    return _Job(model, pool, table, net, netcfg, optimizer, w_end)
 
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
-        if tb:
-            accelerator.init_trackers("tb", config={k: str(v) for k, v in cfg.to_dict().items()})
-        else:
-            say("tensorboard is not installed; logging to log.csv only")
-    log = _Log(run, step, main)
-    cache = _Cache(backend, pool)
-    device = accelerator.device
-    emb_u1 = backend.uncond().float()  # (1,L,D)
-    a_bar = backend.alphas_cumprod
+
+def _resume(job: _Job, start_from: Path | None) -> tuple[int, dict | None]:
+    """Load a checkpoint's weights and optimiser into the job; (step, saved state)."""
+    if start_from is None:
+        return 0, None
+    job.net.load_weights(start_from)
+    state = torch.load(start_from / "optimizer.pt", map_location="cpu", weights_only=False)
+    job.optimizer.load_state_dict(state["optimizer"])
+    return json.loads((start_from / "state.json").read_text())["step"], state
+
+
+def _step(job: _Job, cfg: TrainConfig, accelerator, cache: _Cache, step: int,
+          lam: float, w: float) -> dict:
+    """One optimiser step (grad_accum micro-batches); returns its statistics."""
+    from dds.score import grad_to_loss
+
+    method, model, net, device = get_method(cfg.score), job.model, job.net, accelerator.device
+    uncond = model.uncond().float()  # 1 row
+    for group in job.optimizer.param_groups:
+        group["lr"] = cfg.lr
+    stats = {"dds_grad_norm": 0.0, "id_mse": 0.0}
+    for micro in range(cfg.grad_accum):
+        rng = np.random.default_rng([cfg.seed, step, accelerator.process_index, micro])
+        batch = job.table.sample(rng, cfg.batch_size)
+        z_hat = torch.stack([cache.latent(i) for _, i, _ in batch]).to(device)  # (B,C,h,w)
+        k = torch.tensor([kk for kk, _, _ in batch], device=device)  # (B,)
+        source = cache.prompts([job.pool.captions[i] for _, i, _ in batch], device)
+        target = cache.prompts([y for _, _, y in batch], device)
+        t, eps = _draw(rng, cfg, z_hat.shape)
+        t, eps = t.to(device), eps.to(device)
+        cond = method.conditioning(uncond.expand(len(batch)), source, target)
+        sync = micro == cfg.grad_accum - 1
+        with accelerator.no_sync(net) if not sync else contextlib.nullcontext():
+            z = net(z_hat, k).float()  # (B,C,h,w), one forward pass
+            with torch.no_grad():
+                g = method.grad(model.predict_eps, z.detach(), z_hat, cond, t, eps,
+                                model.schedule, w)
+            id_mse = (z - z_hat).pow(2).mean()
+            loss = grad_to_loss(z, g) / z.numel() + lam * id_mse
+            accelerator.backward(loss / cfg.grad_accum)
+        stats["dds_grad_norm"] += float(g.flatten(1).norm(dim=1).mean()) / cfg.grad_accum
+        stats["id_mse"] += float(id_mse.detach()) / cfg.grad_accum
+    stats["grad_norm"] = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def _log_row(step: int, images: int, dt: float, lr: float, lam: float, w: float,
+             stats: dict) -> dict:
+    return {"step": step, "images": images, "lr": lr, "guidance": round(w, 6),
+            "lambda_id": round(lam, 6), "dds_grad_norm": round(stats["dds_grad_norm"], 6),
+            "id_mse": f"{stats['id_mse']:.4g}", "loss_id": f"{lam * stats['id_mse']:.4g}",
+            "grad_norm": round(float(stats["grad_norm"]), 6),
+            "images_per_s": round(images / max(dt, 1e-9), 3), "seconds": round(dt, 2)}
+
+
+def _open_run(cfg: TrainConfig, run: Path, accelerator, tb: bool, step: int,
+              voice: _Voice) -> CsvLog:
+    """config.json, tensorboard and log.csv (its rows after `step` dropped) on the main process."""
+    log = CsvLog(run / "log.csv", LOG_FIELDS)
+    if not accelerator.is_main_process:
+        return log
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+    if tb:
+        accelerator.init_trackers("tb", config={k: str(v) for k, v in cfg.to_dict().items()})
+    else:
+        voice.say("tensorboard is not installed; logging to log.csv only")
+    log.truncate_after(step)
+    return log
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train g; returns the run folder (its `model/` is the final network)."""
+    from accelerate import Accelerator
+
+    from dds.images import save_png
+    from dds.progress import progress_bar
+
+    _check_out(cfg)
+    run = Path(cfg.out)
+    tb = _tensorboard_available()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+        log_with="tensorboard" if tb else None, project_dir=str(run),
+    )
+    main = accelerator.is_main_process
+    voice = _Voice(main, cfg.quiet)
+    start_from = _start_point(cfg, run, voice)
+    job = _build(cfg, accelerator.device, voice)
+    step, state = _resume(job, start_from)
+    if start_from is not None:
+        voice.say(f"resuming from '{start_from}' at step {step}")
+    job.net, job.optimizer = accelerator.prepare(job.net, job.optimizer)
+    if state is not None and accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    raw = accelerator.unwrap_model(job.net)
+    log = _open_run(cfg, run, accelerator, tb, step, voice)
+    cache = _Cache(job.model, job.pool)
     bar = progress_bar(cfg.steps, "translate-train", quiet=cfg.quiet or not main)
     bar.update(step)
     t0, images_done = time.time(), 0
-
     while step < cfg.steps:
-        lam, w = lambda_id(step, cfg), guidance(step, cfg, w_end)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr
-        stats = {"dds_grad_norm": 0.0, "id_mse": 0.0}
-        for micro in range(cfg.grad_accum):
-            rng = np.random.default_rng([cfg.seed, step, rank, micro])
-            batch = table.sample(rng, cfg.batch_size)
-            z_hat = torch.stack([cache.latent(i) for _, i, _ in batch]).to(device)  # (B,C,h,w)
-            k = torch.tensor([kk for kk, _, _ in batch], device=device)  # (B,)
-            emb_s = torch.stack([cache.prompt(pool.captions[i]) for _, i, _ in batch]).to(device)
-            emb_t = torch.stack([cache.prompt(y) for _, _, y in batch]).to(device)  # (B,L,D)
-            t, eps = _draw(rng, cfg, z_hat.shape)
-            t, eps = t.to(device), eps.to(device)
-            emb_u = emb_u1.expand(len(batch), -1, -1)
-            sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(net) if not sync else contextlib.nullcontext()
-            with ctx:
-                z = net(z_hat, k).float()  # (B,C,h,w), one forward pass
-                with torch.no_grad():
-                    if cfg.score == "dds":
-                        g = dds_grad(backend.predict_eps, z.detach(), z_hat, emb_u, emb_t, emb_s,
-                                     t, eps, a_bar, w)
-                    else:
-                        g = sds_grad(backend.predict_eps, z.detach(), emb_u, emb_t, t, eps,
-                                     a_bar, w)
-                id_mse = (z - z_hat).pow(2).mean()
-                loss = grad_to_loss(z, g) / z.numel() + lam * id_mse
-                accelerator.backward(loss / cfg.grad_accum)
-            stats["dds_grad_norm"] += float(g.flatten(1).norm(dim=1).mean()) / cfg.grad_accum
-            stats["id_mse"] += float(id_mse.detach()) / cfg.grad_accum
-        gnorm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lam, w = lambda_id(step, cfg), guidance(step, cfg, job.w_end)
+        stats = _step(job, cfg, accelerator, cache, step, lam, w)
         step += 1
         images_done += cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t0
-            row = {"step": step, "images": images_done, "lr": cfg.lr, "guidance": round(w, 6),
-                   "lambda_id": round(lam, 6), "dds_grad_norm": round(stats["dds_grad_norm"], 6),
-                   "id_mse": f"{stats['id_mse']:.4g}",
-                   "loss_id": f"{lam * stats['id_mse']:.4g}",
-                   "grad_norm": round(float(gnorm), 6),
-                   "images_per_s": round(images_done / max(dt, 1e-9), 3),
-                   "seconds": round(dt, 2)}
-            log.write(row)
+        last = step == cfg.steps
+        if step % cfg.log_every == 0 or last:
+            row = _log_row(step, images_done, time.time() - t0, cfg.lr, lam, w, stats)
+            if main:
+                log.write(row)
             if tb:
                 accelerator.log({k: float(v) for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(w=f"{w:.2f}", lam=f"{lam:.3f}", dds=f"{stats['dds_grad_norm']:.3f}")
-        if main and cfg.val_images and (step % cfg.val_every == 0 or step == cfg.steps):
-            grid = _val_grid(raw, cache, table, pool, device, cfg.val_images)
+        if main and cfg.val_images and (step % cfg.val_every == 0 or last):
             from PIL import Image
 
+            grid = _val_grid(raw, cache, job.table, job.pool, accelerator.device, cfg.val_images)
             save_png(Image.fromarray(grid), run / "samples" / f"step-{step:07d}.png")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or last:
             if main:
-                write_checkpoint(run, step, raw, netcfg, optimizer, accelerator.scaler,
+                write_checkpoint(run, step, raw, job.netcfg, job.optimizer, accelerator.scaler,
                                  cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
-            if _hang_after is not None and step >= _hang_after:
-                print(f"dds translate-train: hanging after step {step}", file=sys.stderr,
-                      flush=True)
-                time.sleep(3600)
     bar.close()
     if main:
-        out = export_model(run, raw, netcfg, backend)
-        say(f"done: {step} steps; the network is in '{out}'")
+        out = export_model(run, raw, job.netcfg, job.model)
+        voice.say(f"done: {step} steps; the network is in '{out}'")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run
@@ -596,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--score", choices=["dds", "sds"], default=d.score,
+    p.add_argument("--score", choices=list(METHODS), default=d.score,
                    help="the distillation score (sds: the paper's ablation)")
     p.add_argument("--guidance-start", type=float, default=d.guidance_start)
     p.add_argument("--guidance-end", type=float,
@@ -620,7 +577,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest intact checkpoint, or from a checkpoint folder")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug-hang-after", type=int, help=argparse.SUPPRESS)  # for the kill test
     return p
 
 
@@ -641,15 +597,16 @@ def config_from_args(a) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The entry point: `dds translate-train ...` or `python -m dds.translate.train ...`."""
+    from dds.console import configure_process
+
+    configure_process()
     args = build_parser().parse_args(argv)
-    train(config_from_args(args), _hang_after=args.debug_hang_after)
+    train(config_from_args(args))
     return 0
 
 
 if __name__ == "__main__":
-    from dds.console import configure_process as _quiet_libraries
-
-    _quiet_libraries()
     try:
         sys.exit(main())
     except DDSError as e:
