@@ -99,13 +99,14 @@ def test_encode_uses_config_scaling_factor(tiny_backend):
     assert tiny_backend.vae_scale_factor == 2 and tiny_backend.native_size == 16
 
 
-def test_prompt_embedding_shape_and_long_prompt_warns(tiny_backend):
+def test_prompt_embedding_shape_and_long_prompt_length(tiny_backend):
     emb = tiny_backend.encode_prompt(["a red circle", ""])
     assert isinstance(emb, Conditioning) and emb.pooled is None
     assert emb.embeds.shape == (2, 77, 16)
-    with pytest.warns(UserWarning, match="more than the text encoder's 77"):
-        long = tiny_backend.encode_prompt(["cat " * 100])
-    assert long.embeds.shape == (1, 77, 16)
+    long = tiny_backend.encode_prompt(["cat " * 100])
+    assert long.embeds.shape == (1, 77, 16)  # cut to what the text encoder reads
+    assert tiny_backend.prompt_length("cat " * 100) == (102, 77)  # 100 words + start and end
+    assert tiny_backend.prompt_length("a red circle") == (5, 77)
     assert len(tiny_backend.uncond()) == 1
     assert torch.allclose(tiny_backend.uncond().embeds, emb[1].embeds)
     assert tiny_backend.uncond() is tiny_backend.uncond()  # cached
