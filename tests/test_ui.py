@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dds.errors import DDSError
 from dds.pipeline import image_hash
 from dds.ui.app import EditSession, bundled_examples, photo_examples, world_examples
 
@@ -131,9 +132,19 @@ def test_page_edit_records_history_and_png(session, photo):
     assert meta["model"] == "model" and meta["model_id"]["name"] == "model"
     assert meta["input_sha256"] == image_hash(before)
     assert meta["outcome"] == final["history"][0]["outcome"] and meta["outcome"].startswith("done")
+    # what identifies the output: input hash, model version, device and precision
+    ident = session.model.identity()
+    assert meta["model_id"]["hash"] == ident["hash"] and len(ident["hash"]) >= 12
+    assert meta["device"] == "cpu" and meta["precision"] == "float32"
     assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(after))
     (h,) = final["history"]
     assert h["steps"] == 4 and h["seed"] == 3 and h["method"] == "dds" and h["size"] == SIZE
+    # the row keeps its result and its original input (restoring a row restores the image)
+    assert h["result"] == final["download"]
+    assert np.array_equal(np.asarray(Image.open(h["input"]).convert("RGB")), np.asarray(photo))
+    # a note that is not an error (the 40x24 input is worked on at 32x16) reaches the page
+    assert "**Note:** The working size 32x16 changes the image's aspect ratio" in final["message"]
+    assert any("Note:" in o.get("message", "") for o in outs if o.get("running"))
 
 
 def _png_header(w: int, h: int) -> bytes:
@@ -283,12 +294,184 @@ def test_simultaneous_edits_through_the_queue(tiny_backend, photo, tmp_path, con
             c = client_mod.Client(url, verbose=False)
             jobs.append(c.submit(client_mod.handle_file(str(path)), "noise", f"target {i}", "dds",
                                  7.5, 5, 0.1, i, SIZE, api_name="/edit"))
-        messages = [j.result(timeout=300)[4] for j in jobs]
+        messages = [j.result(timeout=300)[4] for j in jobs]  # the status line
         assert all(m.startswith("Edit done") for m in messages), messages
         assert model.most == concurrency  # never more edits at once than allowed, and no fewer
-        bad = client_mod.Client(url, verbose=False).predict(
+        api = client_mod.Client(url, verbose=False)
+        bad = api.predict(
             client_mod.handle_file(str(path)), "noise", "", "dds", 7.5, 5, 0.1, 0, SIZE,
             api_name="/edit")
-        assert "target prompt is empty" in bad[4] and "\n" not in bad[4]
+        assert "Target prompt box is empty" in bad[4] and "\n" not in bad[4]
+        assert "Target prompt box" in bad[4] and "--" not in bad[4]
+        # Bad numbers over the API: a sentence naming the field, never an empty error.
+        args = [client_mod.handle_file(str(path)), "noise", "x", "dds", 7.5, 5, 0.1, 0, SIZE]
+        for i, value, label in ((5, "abc", "Steps"), (5, 1e9, "Steps"), (7, "abc", "Seed"),
+                                (7, 2**70, "Seed"), (8, "abc", "Size"), (4, 1e308, "Guidance"),
+                                (6, "1e30", "Learning rate")):
+            call = list(args)
+            call[i] = value
+            out = api.predict(*call, api_name="/edit")
+            assert out[4].startswith(f"**Cannot edit:** {label} = "), (value, out[4])
     finally:
         demo.close()
+
+
+# ---- the queue, bad values in the page's words, a diverging edit -----------------------------
+
+
+class HeldStep(Wrapped):
+    """Counts model calls; the first call waits until `release` is set (an edit holding the
+    only slot for as long as the test needs)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.calls, self.holding, self.release = 0, threading.Event(), threading.Event()
+
+    def predict_eps(self, *a, **k):
+        self.calls += 1
+        if self.calls == 1:
+            self.holding.set()
+            if not self.release.wait(120):
+                raise RuntimeError("the test never released the held step")
+        return self._inner.predict_eps(*a, **k)
+
+
+def test_queued_edit_shows_its_place_and_cancel_removes_it(tiny_backend, photo, tmp_path):
+    from dds.ui.messages import CANCELLED_QUEUED
+
+    model = HeldStep(tiny_backend)
+    session = EditSession(model, defaults={"size": SIZE}, out_dir=tmp_path, concurrency=1)
+    first = session.run(photo, "noise", "a red circle", steps=5000, key="b")
+    next(first)  # b holds the only slot
+    assert model.holding.wait(120)
+    page = session.page_edit(photo, "noise", "a blue square", "dds", 7.5, 3, 0.1, 0, SIZE, [],
+                             key="a")
+    outs = [next(page), next(page)]
+    assert outs[0]["running"] is True  # Edit is disabled while queued
+    assert 'data-state="queued"' in outs[1]["progress"]
+    assert "queued: 1 edit ahead" in outs[1]["progress"]
+    assert session.state("a") == "queued" and session.state("b") == "running"
+    calls = model.calls
+    assert session.cancel("a")
+    rest = list(page)
+    assert rest[-1]["message"] == CANCELLED_QUEUED and rest[-1]["running"] is False
+    assert 'data-state="cancelled"' in rest[-1]["progress"]
+    assert not any("history" in o or o.get("download") for o in rest)
+    assert session.state("a") is None and model.calls == calls  # no step of a ran
+    session.cancel("b")
+    model.release.set()
+    assert list(first)[-1].stopped
+    # the slot is free again: the next edit runs at once, with no queued update
+    ups = list(session.run(photo, "noise", "x", steps=2, key="a"))
+    assert all(u.ahead is None for u in ups) and ups[-1].done and ups[-1].step == 2
+
+
+def test_edit_queue_order_and_cancel():
+    from dds.ui.slots import EditQueue
+
+    q = EditQueue(slots=2)
+    a, b, c, d = (q.join(k) for k in "abcd")
+    assert q.wait(a, 0) and q.wait(b, 0) and not q.wait(d, 0)  # d waits behind c
+    assert (q.ahead(c), q.ahead(d)) == (2, 3)
+    assert q.cancel(c) and not q.wait(c, 0) and q.ahead(d) == 2
+    assert not q.cancel(a)  # a runs: cancelling it is the stop signal's job
+    q.done(a)
+    assert q.wait(d, 0) and q.ahead(d) == 0
+
+
+# name, value: each refused with a sentence that names the field as the page labels it
+BAD_VALUES = [
+    ("steps", float("nan"), "Steps"), ("steps", "abc", "Steps"), ("steps", 1e9, "Steps"),
+    ("steps", 2.5, "Steps"), ("seed", 2**80, "Seed"), ("seed", "abc", "Seed"),
+    ("seed", float("inf"), "Seed"), ("size", float("nan"), "Size"), ("size", "abc", "Size"),
+    ("size", 100_000, "Size"), ("guidance", 1e308, "Guidance"), ("lr", 1e30, "Learning rate"),
+    ("lr", 0.0, "Learning rate"), ("guidance", "x", "Guidance"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "label"), BAD_VALUES)
+def test_bad_numbers_name_the_page_field(session, photo, name, value, label, capsys):
+    args = dict(method="dds", guidance=7.5, steps=3, lr=0.1, seed=0, size=SIZE)
+    args[name] = value
+    outs = list(session.page_edit(photo, "noise", "a red circle", history=[], key="n", **args))
+    assert len(outs) == 1 and outs[0]["running"] is False and outs[0]["download"] is None
+    err = outs[0]["error"]
+    assert one_sentence(err) and err.startswith(f"{label} = "), err
+    assert "is invalid" in err and "--" not in err and "lr" not in err.split(" = ")[1]
+    assert 'data-state="refused"' in outs[0]["progress"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_library_wording_becomes_the_pages():
+    from dds.errors import SettingError
+    from dds.ui.messages import page_sentence
+
+    assert page_sentence(SettingError("lr", 0.0, "it must be a number from 1e-06 to 10")) == (
+        "Learning rate = 0.0 is invalid: it must be a number from 1e-06 to 10.")
+    s = page_sentence(DDSError("the target prompt is empty; describe the edited image with "
+                               "--target, e.g. 'a photo of a lion'"))
+    assert s.startswith("The Target prompt box is empty; describe") and "--" not in s
+    s = page_sentence(DDSError("the source prompt is empty; DDS needs a caption of the input "
+                               "image (--source)"))
+    assert s.startswith("The Source prompt box is empty;") and "--" not in s
+    assert page_sentence(DDSError("the target prompt is empty; describe the edited image, "
+                                  "e.g. 'a photo of a lion'")).startswith(
+        "The Target prompt box is empty; describe the edited image, e.g.")
+
+
+class Exploding(Wrapped):
+    """A model whose noise predictions blow up: every edit on it diverges."""
+
+    def predict_eps(self, *a, **k):
+        return self._inner.predict_eps(*a, **k) * float("inf")
+
+
+def test_diverged_edit_is_an_error_not_a_result(tiny_backend, photo, tmp_path):
+    session = EditSession(Exploding(tiny_backend), defaults={"size": SIZE}, out_dir=tmp_path)
+    outs = list(session.page_edit(photo, "noise", "a red circle", "dds", 7.5, 5, 0.1, 0, SIZE,
+                                  [], key="d"))
+    final = outs[-1]
+    assert final["running"] is False and final["error"].startswith("The edit diverged by step")
+    assert final["message"].startswith("**Edit failed:** The edit diverged")
+    assert "lower the Guidance or the Learning rate" in final["message"]
+    assert 'data-state="failed"' in final["progress"]
+    assert not any("history" in o or "result" in o or o.get("download") for o in outs)
+    assert not list(tmp_path.glob("dds-edit-*.png"))  # nothing written
+
+
+def test_random_seed_in_range():
+    from dds.loop import LIMITS
+    from dds.ui.session import random_seed
+
+    seeds = {random_seed() for _ in range(4)}
+    assert len(seeds) > 1 and all(0 <= s <= LIMITS["seed"][1] for s in seeds)
+
+
+def test_model_info_says_what_the_model_knows(session):
+    from types import SimpleNamespace
+
+    from dds.ui.app import model_info
+
+    text = model_info(session)
+    assert session.model.identity()["hash"][:12] in text and "photos" in text
+    builtin = SimpleNamespace(model=session.model, builtin=True, model_label="built-in model")
+    text = model_info(builtin)
+    assert "procedural shapes world" in text and "coloured shapes" in text
+    assert "meaningless" in text
+
+
+def test_page_fields_are_bounded_by_the_library(tiny_backend, tmp_path):
+    pytest.importorskip("gradio")
+    from dds.loop import LIMITS
+    from dds.pipeline import max_size
+    from dds.ui.app import build_app
+
+    session = EditSession(tiny_backend, defaults={"size": SIZE}, out_dir=tmp_path)
+    demo = build_app(session=session, examples=[])
+    comps = {c.elem_id: c for c in demo.blocks.values() if getattr(c, "elem_id", None)}
+    for elem, name in (("dds-steps", "steps"), ("dds-guidance", "guidance"), ("dds-lr", "lr"),
+                       ("dds-seed", "seed")):
+        assert (comps[elem].minimum, comps[elem].maximum) == LIMITS[name], elem
+        assert comps[elem].preprocess("abc") == "abc"  # handed to the session as it came
+    assert comps["dds-size"].maximum == session.max_size == max_size(tiny_backend)
+    assert comps["dds-download"].interactive is False  # nothing to download yet

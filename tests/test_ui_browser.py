@@ -99,22 +99,32 @@ def server(tiny_sd, translator):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    url, _ = server
+def browser():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=LAUNCH_ARGS)  # a fresh, empty profile
-        ctx = browser.new_context(viewport={"width": 1300, "height": 1100}, accept_downloads=True)
-        pg = ctx.new_page()
-        pg.set_default_timeout(T)
-        # Nothing leaves the machine: any request not to the app itself is refused.
-        pg.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url.rstrip("/"))
-                 else r.abort())
-        pg.goto(url, wait_until="load")
-        pg.wait_for_selector("#dds-run")
-        yield pg
-        ctx.close()
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=LAUNCH_ARGS)  # a fresh, empty profile
+        yield b
+        b.close()
+
+
+def _open(browser, url: str, width: int = 1300, height: int = 1100):
+    """A new page (its own Gradio session) on the app."""
+    ctx = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(T)
+    # Nothing leaves the machine: any request not to the app itself is refused.
+    pg.route("**/*", lambda r: r.continue_() if r.request.url.startswith(url.rstrip("/"))
+             else r.abort())
+    pg.goto(url, wait_until="load")
+    pg.wait_for_selector("#dds-run")
+    return ctx, pg
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    ctx, pg = _open(browser, server[0])
+    yield pg
+    ctx.close()
 
 
 def _state(page) -> dict:
@@ -123,8 +133,33 @@ def _state(page) -> dict:
                  : {}; }""")
 
 
+LONG_PROMPT = ("a photo of a red circle " + "with many small details " * 30).strip()
+
+
+def _disabled(page, elem_id: str) -> bool:
+    return page.evaluate("""id => { const e = document.querySelector('#' + id);
+        const b = e.tagName === 'BUTTON' ? e : e.querySelector('button');
+        return b.disabled; }""", elem_id)
+
+
+def _box(page, selector: str) -> dict:
+    return page.locator(selector).first.bounding_box()
+
+
+def _value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range])").first.input_value()
+
+
+def _shown(page, selector: str) -> dict:
+    """How an image is drawn: its natural size, its box, object-fit and image-rendering."""
+    return page.evaluate("""sel => { const i = document.querySelector(sel);
+        const r = i.getBoundingClientRect(), cs = getComputedStyle(i);
+        return {nw: i.naturalWidth, nh: i.naturalHeight, w: r.width, h: r.height,
+                fit: cs.objectFit, rendering: cs.imageRendering}; }""", selector)
+
+
 def _fill(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range])").first
     box.fill(str(value))
     box.press("Tab")  # commit the value (number fields update on blur)
 
@@ -150,14 +185,26 @@ def _upload(page, elem_id: str, path: Path) -> None:
         arg=[elem_id, old])
 
 
-def test_edit_preview_download_and_cancel(page, tmp_path):
+def test_edit_preview_download_and_cancel(page, server, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     photo = tmp_path / "upload.png"
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photo)
 
-    # Upload an image (replacing the example shown at start) and wait for the round trip.
+    # The header says what the model knows and which one it is; nothing to download yet;
+    # the examples sit right under the input image, above Edit.
+    demo_session = server[1].dds_session
+    header = page.locator("#dds-model").inner_text()
+    assert "knows photos" in header and demo_session.model.identity()["hash"][:12] in header
+    assert _disabled(page, "dds-download") and _disabled(page, "dds-use-result")
+    assert _box(page, "#dds-examples")["y"] < _box(page, "#dds-run")["y"]
+    assert page.locator("#dds-suggestions").is_visible()  # the first example's targets
+
+    # Upload an image (replacing the example shown at start) and wait for the round trip:
+    # the previous scene's target suggestions go away.
     _upload(page, "dds-input", photo)
+    page.wait_for_function("() => { const r = document.querySelector('#dds-suggestions');"
+                           " return !r || r.offsetParent === null; }")
 
     _fill(page, "dds-source", "a photo of colourful noise")
     _fill(page, "dds-target", "a photo of a red circle")
@@ -174,6 +221,13 @@ def test_edit_preview_download_and_cancel(page, tmp_path):
     assert len(running_srcs) >= 2, f"the live preview did not change during the edit: {log}"
     assert "Edit done" in page.locator("#dds-message").inner_text()
     page.wait_for_selector("#dds-result img")
+    assert not _disabled(page, "dds-download")
+    # Whole images: not cropped (contain), small ones upscaled with hard pixel edges.
+    for sel in ("#dds-preview img", "#dds-result img", "#dds-input img"):
+        shown = _shown(page, sel)
+        assert shown["fit"] == "contain" and shown["rendering"] == "pixelated", (sel, shown)
+    shown = _shown(page, "#dds-result img")
+    assert shown["nw"] == 32 and shown["w"] >= 8 * 32 and shown["h"] >= 200, shown
     page.screenshot(path=str(ARTIFACTS / "ui-browser.png"), full_page=True)
 
     with page.expect_download() as dl:
@@ -185,6 +239,12 @@ def test_edit_preview_download_and_cancel(page, tmp_path):
     assert meta["target"] == "a photo of a red circle" and meta["config"]["steps"] == 12
     assert meta["steps_run"] == 12 and meta["outcome"].startswith("done in")
     from dds.images import prepare
+    from dds.pipeline import image_hash
+
+    # the pipeline's record of what made it: input hash, model version, device, precision
+    assert meta["input_sha256"] == image_hash(prepare(Image.open(photo).convert("RGB"), SIZE))
+    assert meta["model_id"]["hash"] == demo_session.model.identity()["hash"]
+    assert meta["device"] == "cpu" and meta["precision"] == "float32"
 
     before = np.asarray(prepare(Image.open(photo).convert("RGB"), SIZE), dtype=np.int16)
     after = np.asarray(result.convert("RGB"), dtype=np.int16)
@@ -193,6 +253,7 @@ def test_edit_preview_download_and_cancel(page, tmp_path):
 
     # ---- a long edit, cancelled mid-way: it stops at once and keeps the latest result ------
     _fill(page, "dds-steps", 5000)
+    _fill(page, "dds-target", LONG_PROMPT)
     page.evaluate("window.__dds = []")
     page.click("#dds-run")
     _wait_state(page, ("running",), min_step=4)
@@ -210,7 +271,121 @@ def test_edit_preview_download_and_cancel(page, tmp_path):
     assert log[noted[0]]["state"] == "running", log
     history = page.locator("#dds-history").inner_text()
     assert "done in" in history and "stopped at step" in history
+    # History rows stay one line high, even with a long prompt.
+    heights = page.evaluate("""() => [...document.querySelectorAll('#dds-history .virtual-row')]
+        .map(r => r.getBoundingClientRect().height)""")
+    assert len(heights) == 2 and max(heights) < 45 and max(heights) - min(heights) < 2, heights
     page.screenshot(path=str(ARTIFACTS / "ui-browser-cancel.png"), full_page=True)
+
+
+def test_history_thumbnails_restore_and_chain(page, tmp_path):
+    # One thumbnail per past result, newest first.
+    page.wait_for_function("() => document.querySelectorAll('#dds-thumbs img').length === 2")
+    for shown in page.evaluate("""() => [...document.querySelectorAll('#dds-thumbs img')]
+            .map(i => ({nw: i.naturalWidth, w: i.getBoundingClientRect().width}))"""):
+        assert shown["nw"] > 0 and shown["w"] >= 40, shown
+    page.screenshot(path=str(ARTIFACTS / "ui-history.png"), full_page=True)
+    # Clicking the oldest restores its input image, prompts and settings, and its download.
+    old_src = page.locator("#dds-input img").first.get_attribute("src")
+    _fill(page, "dds-steps", 3)
+    page.locator("#dds-thumbs img").nth(1).click()
+    page.wait_for_function("() => document.querySelector('#dds-message').innerText"
+                           ".includes('Restored edit #1')")
+    assert _value(page, "dds-steps") == "12"
+    assert _value(page, "dds-target") == "a photo of a red circle"
+    page.wait_for_function("old => { const i = document.querySelector('#dds-input img');"
+                           " return i && i.getAttribute('src') !== old; }", arg=old_src)
+    with page.expect_download() as dl:
+        page.click("#dds-download")
+    out = tmp_path / "restored.png"
+    dl.value.save_as(out)
+    meta = json.loads(Image.open(out).text["dds"])
+    assert meta["steps_run"] == 12 and meta["outcome"].startswith("done in")
+    # "Use result as input" chains edits: the result becomes the input, its target the source.
+    src = page.locator("#dds-input img").first.get_attribute("src")
+    page.click("#dds-use-result")
+    page.wait_for_function("() => document.querySelector('#dds-message').innerText"
+                           ".includes('is the input now')")
+    assert _value(page, "dds-source") == "a photo of a red circle"
+    page.wait_for_function("old => { const i = document.querySelector('#dds-input img');"
+                           " return i && i.getAttribute('src') !== old; }", arg=src)
+    # The dice draws a seed in range.
+    page.click("#dds-seed-random")
+    page.wait_for_function("() => document.querySelector('#dds-seed input').value !== '0'")
+    assert 0 < int(_value(page, "dds-seed")) < 2**32
+
+
+def test_numbers_are_bounded_and_refusals_are_one_sentence(page):
+    page.click("#dds-seed-random")  # any status left over goes at the next action
+    # Steps: the field is a slider bounded by the library's range.
+    assert page.locator("#dds-steps input[type=range]").get_attribute("max") == "5000"
+    _fill(page, "dds-steps", 1_000_000_000)
+    page.click("#dds-run")
+    state = _wait_state(page, ("refused", "running"))
+    if state["state"] == "refused":  # the value reached the server: refused, naming Steps
+        msg = page.locator("#dds-message").inner_text().strip()
+        assert msg.startswith("Cannot edit: Steps = 1000000000 is invalid"), msg
+    else:  # the page itself kept Steps in range
+        assert int(_value(page, "dds-steps")) <= 5000
+        assert state["total"] <= 5000, state
+        page.click("#dds-cancel")
+        _wait_state(page, ("stopped", "done"))
+    # Learning rate out of range: refused before any step, in the page's words.
+    _fill(page, "dds-steps", 4)
+    _fill(page, "dds-lr", "1e30")
+    page.click("#dds-run")
+    page.wait_for_function("() => document.querySelector('#dds-message').innerText"
+                           ".includes('Learning rate')")
+    msg = page.locator("#dds-message").inner_text().strip()
+    assert msg.startswith("Cannot edit: Learning rate = 1e+30 is invalid"), msg
+    assert "--" not in msg and "Edit done" not in msg and "\n" not in msg
+    assert _state(page)["state"] == "refused" and _disabled(page, "dds-download")
+    page.screenshot(path=str(ARTIFACTS / "ui-refused.png"), full_page=True)
+    _fill(page, "dds-lr", 0.1)
+
+
+def test_queued_edit_shows_its_place_and_cancel_removes_it(page, server, browser):
+    url = server[0]
+    _fill(page, "dds-steps", 5000)
+    page.click("#dds-run")  # this page holds the only slot
+    _wait_state(page, ("running",), min_step=1)
+    ctx, other = _open(browser, url)
+    try:
+        other.click("#dds-run")
+        queued = _wait_state(other, ("queued",))
+        assert "queued: 1 edit ahead" in other.locator("#dds-progress").inner_text()
+        assert _disabled(other, "dds-run"), "Edit stays enabled while the edit is queued"
+        assert queued["step"] == 0
+        other.screenshot(path=str(ARTIFACTS / "ui-queued.png"), full_page=True)
+        calls_before = _state(page)["step"]
+        other.click("#dds-cancel")
+        _wait_state(other, ("cancelled",))
+        msg = other.locator("#dds-message").inner_text()
+        assert "still waiting in the queue, so no step ran" in msg, msg
+        assert not _disabled(other, "dds-run")
+        assert _state(page)["state"] == "running" and _state(page)["step"] >= calls_before
+    finally:
+        page.click("#dds-cancel")
+        _wait_state(page, ("stopped", "done", "failed"))
+        ctx.close()
+
+
+def test_examples_fit_a_narrow_window(server, browser):
+    ctx, narrow = _open(browser, server[0], width=420, height=1400)
+    try:
+        narrow.wait_for_function("() => [...document.querySelectorAll('#dds-examples img')]"
+                                 ".every(i => i.complete && i.naturalWidth > 0)")
+        box = _box(narrow, "#dds-examples")
+        imgs = narrow.evaluate("""() => [...document.querySelectorAll('#dds-examples img')]
+            .map(i => { const r = i.getBoundingClientRect();
+                        return {x: r.x, w: r.width, h: r.height}; })""")
+        assert imgs
+        for im in imgs:  # every thumbnail is drawn, whole, inside the gallery
+            assert im["w"] >= 40 and im["h"] >= 40, im
+            assert box["x"] <= im["x"] and im["x"] + im["w"] <= box["x"] + box["width"] + 1, im
+        narrow.screenshot(path=str(ARTIFACTS / "ui-narrow.png"), full_page=True)
+    finally:
+        ctx.close()
 
 
 def test_bad_upload_is_one_sentence(page, tmp_path):

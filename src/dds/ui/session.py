@@ -2,15 +2,19 @@
 `dds.pipeline.EditPipeline` in a worker thread, progress handed back as `EditUpdate`s.
 
 `EditSession.page_edit` is the page's edit handler in plain terms (dicts of values, errors as
-one sentence), so tests drive it without Gradio.  The browser never names a server path: an
-upload arrives as a file the server wrote, is opened with `dds.images.load_image` (pixel-count
-and dimension checks), and a bad input is answered with one sentence that does not name it.
+one sentence in the page's words), so tests drive it without Gradio.  Edits wait their turn in
+the session's own queue (`dds.ui.slots.EditQueue`): a waiting edit reports how many edits are
+ahead of it, and Cancel takes it out of the queue before it runs any step.  The browser never
+names a server path: an upload arrives as a file the server wrote, is opened with
+`dds.images.load_image` (pixel-count and dimension checks), and a bad input is answered with
+one sentence that does not name it.
 """
 
 from __future__ import annotations
 
 import itertools
 import queue
+import random
 import sys
 import tempfile
 import threading
@@ -23,21 +27,41 @@ from typing import Any
 
 from PIL import Image
 
-from dds.errors import DDSError
+from dds.errors import DDSError, SettingError
+from dds.loop import LIMITS, check_range
 from dds.models.registry import is_builtin
-from dds.pipeline import EditPipeline, EditRequest, EditResult, PreparedEdit, as_image
+from dds.pipeline import (
+    EditPipeline,
+    EditRequest,
+    EditResult,
+    PreparedEdit,
+    as_image,
+    image_hash,
+)
+from dds.pipeline import max_size as model_max_size
+from dds.ui.messages import (
+    CANCELLED_QUEUED,
+    error_markdown,
+    join_lines,
+    notes_markdown,
+    one_sentence,
+    page_sentence,
+    progress_html,
+)
+from dds.ui.slots import EditQueue, Ticket
 
 HISTORY_LIMIT = 50  # edits remembered per page
 HISTORY_COLUMNS = ["#", "method", "source", "target", "steps", "guidance", "lr", "seed", "size",
                    "outcome"]
-STOPPING = "Stopping after the current step…"
+_one_sentence = one_sentence  # the name other modules of the page import
 
 
 @dataclass
 class EditUpdate:
-    """One report from a running edit.  `preview` is set when a new decode is available,
-    `result` on the last update (`done`), which also says whether the edit was `stopped` and
-    carries the pipeline's `EditResult` as `edit`."""
+    """One report from an edit.  While it waits for a slot, `ahead` is the number of edits
+    before it; `preview` is set when a new decode is available; the last update is `done`,
+    with the `result` and the pipeline's `EditResult` as `edit`, or `cancelled` (taken out
+    of the queue before any step ran)."""
 
     step: int
     total: int
@@ -49,10 +73,13 @@ class EditUpdate:
     stopped: bool = False
     grad_norm: float | None = None
     edit: EditResult | None = None
+    ahead: int | None = None
+    cancelled: bool = False
 
 
 @dataclass
 class _Run:
+    ticket: Ticket
     cancel: threading.Event = field(default_factory=threading.Event)  # the pipeline's `stop`
 
 
@@ -63,9 +90,27 @@ class _BadUpload:
         self.message = message
 
 
-def _one_sentence(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+def random_seed() -> int:
+    lo, hi = LIMITS["seed"]
+    return random.SystemRandom().randint(lo, hi)
+
+
+def page_number(name: str, value, integer: bool):
+    """A page value (number, or text over the API) as a number in the range of `name`;
+    SettingError naming the field otherwise (NaN, text, out of range, a fraction)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass  # check_range refuses the text itself
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if name in LIMITS:
+        return check_range(name, value, integer)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingError(name, value, "it must be a whole number" if integer else
+                           "it must be a number")
+    return value
 
 
 class EditSession:
@@ -75,19 +120,21 @@ class EditSession:
     `defaults`: overrides of the page's initial settings (method, steps, guidance, lr, seed,
     size), on top of the model's recommended ones.  `preview_every`: decode a preview every
     N steps (default: about 20 previews per edit).  `max_size`: the largest working long
-    side a page may ask for (default: twice the model's native size, at least 1024).
+    side a page may ask for (default and cap: `dds.pipeline.max_size(model)`).
+    `concurrency`: edits that run at once; the others wait in the queue.
     """
 
     def __init__(self, model=None, *, defaults: dict | None = None,
                  preview_every: int | None = None, max_size: int | None = None,
-                 model_label: str | None = None, out_dir: str | Path | None = None):
+                 model_label: str | None = None, out_dir: str | Path | None = None,
+                 concurrency: int = 1):
         self.pipeline = EditPipeline(model)
         self.model = self.pipeline.model
         self.builtin = model is None or is_builtin(self.model)
         self.model_label = model_label or self.model.label
         native = int(self.model.native_size)
-        self.multiple = int(getattr(self.model, "vae_scale_factor", 8))
-        self.max_size = int(max_size or max(1024, 2 * native))
+        cap = model_max_size(self.model)
+        self.max_size = min(int(max_size or cap), cap)
         self.preview_every = preview_every
         cfg = self.pipeline.config()
         base = {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance,
@@ -95,24 +142,24 @@ class EditSession:
         base.update({k: v for k, v in (defaults or {}).items() if v is not None})
         self.defaults = base
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="dds-ui-"))
+        self.queue = EditQueue(concurrency)
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
 
+    def set_concurrency(self, n: int) -> None:
+        self.queue.slots = int(n)
+
     # ---- checks --------------------------------------------------------------------------
     @staticmethod
     def settings(**page) -> dict:
-        """`EditConfig` fields from page values (numbers may arrive as floats); DDSError."""
+        """`EditConfig` fields from page values (numbers may arrive as floats or, over the
+        API, as text); SettingError naming the field for a bad one."""
         s = {k: v for k, v in page.items() if v is not None}
-        for name in ("steps", "seed"):
+        for name, integer in (("steps", True), ("seed", True), ("guidance", False),
+                              ("lr", False)):
             if name in s:
-                v = float(s[name])
-                if not v.is_integer():
-                    raise DDSError(f"{name} = {s[name]} is invalid: it must be a whole number")
-                s[name] = int(v)
-        for name in ("guidance", "lr"):
-            if name in s:
-                s[name] = float(s[name])
+                s[name] = page_number(name, s[name], integer)
         if "method" in s:
             s["method"] = str(s["method"]).lower()
         return s
@@ -120,12 +167,11 @@ class EditSession:
     def check_size(self, size) -> int:
         if size is None:
             return int(self.defaults["size"])
-        v = float(size)
-        lo = max(8, self.multiple)
-        if not v.is_integer() or not lo <= v <= self.max_size:
-            raise DDSError(f"image size {size} is invalid: give a whole number of pixels from "
-                           f"{lo} to {self.max_size}")
-        return int(v)
+        v = page_number("size", size, integer=True)
+        if isinstance(v, int) and v > self.max_size:
+            raise SettingError("size", size, f"it must be a whole number of pixels from 8 to "
+                               f"{self.max_size}")
+        return self.pipeline.check_size(v)
 
     @staticmethod
     def load_input(image) -> Image.Image:
@@ -158,16 +204,27 @@ class EditSession:
         return self.pipeline.prepare(request)
 
     # ---- running -------------------------------------------------------------------------
+    def state(self, key: str = "default") -> str | None:
+        """"queued", "running" or None: what the edit of `key` is doing."""
+        with self._lock:
+            run = self._runs.get(key)
+        if run is None:
+            return None
+        return "running" if run.ticket.started else "queued"
+
     def cancel(self, key: str = "default") -> bool:
-        """Stop the edit running for `key` after its current step; False if none runs."""
+        """Take the edit of `key` out of the queue if it waits, else stop it after its current
+        step; False if there is none."""
         with self._lock:
             run = self._runs.get(key)
         if run is None:
             return False
-        run.cancel.set()
+        if not self.queue.cancel(run.ticket):
+            run.cancel.set()
         return True
 
     def running(self, key: str = "default") -> bool:
+        """Whether `key` has an edit, running or waiting."""
         with self._lock:
             return key in self._runs
 
@@ -180,12 +237,13 @@ class EditSession:
 
     def start(self, prepared: PreparedEdit, *, key: str = "default",
               preview_every: int | None = None) -> Iterator[EditUpdate]:
-        """Claim `key` (one edit per page at a time) and return the edit's updates."""
+        """Claim `key` (one edit per page at a time), join the queue and return the edit's
+        updates."""
         every = preview_every or self.preview_every or max(1, prepared.config.steps // 20)
-        run = _Run()
         with self._lock:
             if key in self._runs:
                 raise DDSError("an edit is already running in this page; wait for it or cancel it")
+            run = _Run(self.queue.join(key))
             self._runs[key] = run
         return self._iterate(prepared, every, key, run)
 
@@ -207,13 +265,31 @@ class EditSession:
 
         return threading.Thread(target=work, name=f"dds-edit-{key}", daemon=True)
 
+    def _queued(self, prepared: PreparedEdit, run: _Run) -> Iterator[EditUpdate]:
+        """Wait for a slot, yielding the edits ahead whenever that number changes; ends with a
+        `cancelled` update if the edit is taken out of the queue."""
+        im, total, t0 = prepared.input, prepared.config.steps, time.monotonic()
+        shown = None
+        while not self.queue.wait(run.ticket, 0 if shown is None else 0.25):
+            if run.ticket.cancelled.is_set():
+                yield EditUpdate(0, total, time.monotonic() - t0, im, done=True, cancelled=True)
+                return
+            ahead = self.queue.ahead(run.ticket)
+            if ahead != shown:
+                shown = ahead
+                yield EditUpdate(0, total, time.monotonic() - t0, im, ahead=ahead)
+
     def _iterate(self, prepared: PreparedEdit, every: int, key: str,
                  run: _Run) -> Iterator[EditUpdate]:
         events: queue.Queue = queue.Queue()
         im, total = prepared.input, prepared.config.steps
         worker = self._worker(prepared, every, key, run, events)
-        t0 = time.monotonic()
         try:
+            for u in self._queued(prepared, run):
+                yield u
+                if u.cancelled:
+                    return
+            t0 = time.monotonic()
             worker.start()
             yield EditUpdate(0, total, 0.0, im)
             step, last_yield, norm = 0, 0.0, None
@@ -241,10 +317,12 @@ class EditSession:
                     raise ev[1]
         finally:
             run.cancel.set()  # the page went away (or the edit ended): stop the worker
-            worker.join(timeout=30)
+            if worker.ident is not None:
+                worker.join(timeout=30)
             with self._lock:
                 if self._runs.get(key) is run:
                     del self._runs[key]
+            self.queue.done(run.ticket)
 
     # ---- the page's handlers, in plain values --------------------------------------------
     def save_result(self, edit: EditResult, **page) -> Path:
@@ -254,72 +332,87 @@ class EditSession:
         path = self.out_dir / f"dds-edit-{n:04d}-{edit.config.method}.png"
         return replace(edit, metadata={**page, **edit.metadata}).save(path)
 
+    def save_input(self, image: Image.Image) -> Path:
+        """The original input of an edit, kept (once per distinct image) so that restoring a
+        history row restores the image too."""
+        path = self.out_dir / f"dds-input-{image_hash(image)}.png"
+        if not path.exists():
+            image.save(path)
+        return path
+
     def page_edit(self, image, source, target, method, guidance, steps, lr, seed, size,
                   history: list[dict] | None, key: str = "default") -> Iterator[dict[str, Any]]:
         """The page's edit handler: yields dicts with some of the keys `preview`, `progress`
-        (HTML), `result` ((before, after)), `download` (PNG path), `history`, `message`
-        (Markdown), `running` (bool).  Never raises for a bad input: `message` says why."""
+        (HTML), `result` ((before, after)), `download` (PNG path, None while there is no
+        result), `history`, `message` (Markdown), `running` (bool: queued or running), and
+        `error` (the sentence) when refused or failed.  Never raises for a bad input."""
         history = list(history or [])
         try:
             prepared = self.prepare(image, source, target, method=method, steps=steps,
                                     guidance=guidance, lr=lr, seed=seed, size=size)
             updates = self.start(prepared, key=key)
         except DDSError as e:
-            yield {"message": error_markdown(_one_sentence(e)), "error": _one_sentence(e),
-                   "running": False}
+            s = page_sentence(e)
+            yield {"message": error_markdown(s), "error": s, "running": False, "download": None,
+                   "progress": progress_html(0, 0, "refused")}
             return
-        cfg = prepared.config
-        record = {"source": prepared.source, "target": prepared.target, "method": cfg.method,
-                  "steps": cfg.steps, "guidance": cfg.guidance, "lr": cfg.lr, "seed": cfg.seed,
-                  "size": prepared.request.size}
-        yield {"message": "", "running": True, "progress": progress_html(0, cfg.steps, "running")}
+        notes = notes_markdown(prepared.notes)
+        total = prepared.config.steps
+        yield {"message": notes, "running": True, "download": None,
+               "progress": progress_html(0, total, "running")}
         step = 0
         try:
             for u in updates:
                 step = u.step
-                out: dict[str, Any] = {
-                    "progress": progress_html(u.step, u.total, "running", u.elapsed)}
-                if u.preview is not None:
-                    out["preview"] = u.preview
-                if u.done:
-                    out.update(self._finished(u, record, history))
-                    history = out["history"]
-                yield out
+                yield self._page_update(u, prepared, history, notes)
+        except DDSError as e:  # e.g. the edit diverged: nothing is written
+            s = page_sentence(e)
+            yield {"message": error_markdown(s, before_run=False), "error": s,
+                   "running": False, "progress": progress_html(step, total, "failed")}
         except Exception as e:  # a failure inside the model: one sentence, details in the log
             traceback.print_exc(file=sys.stderr)
-            msg = f"The edit failed: {_one_sentence(e)}"
-            yield {"message": error_markdown(msg), "error": msg, "running": False,
-                   "progress": progress_html(step, cfg.steps, "failed")}
+            s = one_sentence(e)
+            yield {"message": error_markdown(s, before_run=False), "error": s,
+                   "running": False, "progress": progress_html(step, total, "failed")}
 
-    def _finished(self, u: EditUpdate, record: dict, history: list[dict]) -> dict[str, Any]:
+    def _page_update(self, u: EditUpdate, prepared: PreparedEdit, history: list[dict],
+                     notes: str) -> dict[str, Any]:
+        if u.ahead is not None:
+            return {"progress": progress_html(0, u.total, "queued", ahead=u.ahead)}
+        if u.cancelled:
+            return {"progress": progress_html(0, u.total, "cancelled"), "running": False,
+                    "message": CANCELLED_QUEUED}
+        out: dict[str, Any] = {"progress": progress_html(u.step, u.total, "running", u.elapsed)}
+        if u.preview is not None:
+            out["preview"] = u.preview
+        if u.done:
+            out.update(self._finished(u, prepared, history, notes))
+        return out
+
+    def _finished(self, u: EditUpdate, prepared: PreparedEdit, history: list[dict],
+                  notes: str) -> dict[str, Any]:
         """The page's values once an edit ends: result, download, history and message."""
         state = "stopped" if u.stopped else "done"
         outcome = (f"stopped at step {u.step} of {u.total}" if u.stopped
                    else f"done in {u.elapsed:.1f} s")
         path = self.save_result(u.edit, outcome=outcome)
-        rec = {**record, "steps_run": u.step, "outcome": outcome, "n": len(history) + 1}
+        cfg = prepared.config
+        rec = {"n": (history[-1]["n"] + 1) if history else 1, "source": prepared.source,
+               "target": prepared.target, "method": cfg.method, "steps": cfg.steps,
+               "guidance": cfg.guidance, "lr": cfg.lr, "seed": cfg.seed,
+               "size": prepared.request.size, "steps_run": u.step, "outcome": outcome,
+               "input": str(self.save_input(prepared.request.image)), "result": str(path)}
         return {"progress": progress_html(u.step, u.total, state, u.elapsed),
                 "result": (u.input, u.result), "download": str(path),
                 "history": (history + [rec])[-HISTORY_LIMIT:], "running": False,
-                "message": f"Edit {outcome}."}
-
-
-def progress_html(step: int, total: int, state: str, elapsed: float | None = None) -> str:
-    """A progress bar whose data attributes carry the state (running, done, stopped, failed)."""
-    pct = 100 * step / total if total else 100
-    label = {"running": "editing", "done": "done", "stopped": "stopped",
-             "failed": "failed"}.get(state, state)
-    secs = f" · {elapsed:.1f} s" if elapsed is not None else ""
-    return (f'<div id="dds-progress" data-state="{state}" data-step="{step}" '
-            f'data-total="{total}"><progress max="{total}" value="{step}" '
-            f'style="width:100%">{pct:.0f}%</progress>'
-            f"<div>{label}: step {step} of {total}{secs}</div></div>")
-
-
-def error_markdown(sentence: str) -> str:
-    return f"**Cannot edit:** {sentence}"
+                "message": join_lines(f"Edit {outcome}.", notes)}
 
 
 def history_rows(history: list[dict]) -> list[list]:
     return [[h.get("n", i + 1), h["method"], h["source"], h["target"], h["steps"], h["guidance"],
              h["lr"], h["seed"], h["size"], h["outcome"]] for i, h in enumerate(history)]
+
+
+def history_gallery(history: list[dict]) -> list[tuple[str, str]]:
+    """Thumbnails of the results, newest first, captioned with their row number."""
+    return [(h["result"], f"#{h['n']}") for h in reversed(history) if h.get("result")]
