@@ -314,17 +314,52 @@ def test_floors_no_edit_scores_the_source_itself(tiny_backend):
 
 def test_editing_table_shows_the_floors_and_marks_the_best_method():
     from dds.eval.builtin_quality import editing_table
+    from dds.eval.paired import PAIRED, compare_methods
 
     def row(success, psnr_out):
-        return {"success": success, "psnr_gt": 20.0, "psnr_out": psnr_out, "ssim_out": 0.5, "n": 2}
+        return {"success_pos": success / 2, "success": success, "psnr_gt": 20.0,
+                "psnr_gain": 1.0, "psnr_out": psnr_out, "ssim_out": 0.5, "n": 2}
 
     editing = {"dds": {"all": row(0.5, 30.0)}, "sds": {"all": row(1.0, 20.0)},
                "no-edit": {"all": row(0.0, 100.0)}, "round-trip": {"all": row(0.0, 35.0)}}
     lines = editing_table(editing).splitlines()
-    assert lines[2] == "| all (n=2) | DDS | 50.0% | **20.00** | **30.00** | **0.500** |"
-    assert lines[3] == "| all (n=2) | SDS | **100.0%** | **20.00** | 20.00 | **0.500** |"
-    assert lines[4] == "| all (n=2) | no edit | 0.0% | 20.00 | 100.00 | 0.500 |"
-    assert lines[5] == "| all (n=2) | autoencoder round trip | 0.0% | 20.00 | 35.00 | 0.500 |"
+    assert lines[0] == ("| edit kind | method | success (placed) ↑ | success (attribute) ↑ | "
+                        "PSNR to ground truth ↑ | PSNR gain ↑ | PSNR outside edit ↑ | "
+                        "SSIM outside edit ↑ |")
+    assert lines[2] == ("| all (n=2) | DDS | 25.0% | 50.0% | **20.00** | **+1.00** | **30.00** | "
+                        "**0.500** |")
+    assert lines[3] == ("| all (n=2) | SDS | **50.0%** | **100.0%** | **20.00** | **+1.00** | "
+                        "20.00 | **0.500** |")
+    assert lines[4] == "| all (n=2) | no edit | 0.0% | 0.0% | 20.00 | +1.00 | 100.00 | 0.500 |"
+    assert lines[5] == ("| all (n=2) | autoencoder round trip | 0.0% | 0.0% | 20.00 | +1.00 | "
+                        "35.00 | 0.500 |")
+    assert len(lines) == 6  # no comparison without per-edit values
+    per = {"dds": {"success_pos": np.array([1.0, 1.0]), "psnr_gain": np.array([2.0, 3.0])},
+           "sds": {"success_pos": np.array([0.0, 1.0]), "psnr_gain": np.array([1.0, 1.5])}}
+    editing[PAIRED] = compare_methods(per, ["k", "k"], ("success_pos", "psnr_gain"))
+    lines = editing_table(editing).splitlines()
+    assert lines[5] == ("| all (n=2) | autoencoder round trip | 0.0% | 0.0% | 20.00 | +1.00 | "
+                        "35.00 | 0.500 |")  # the comparison is not a method row
+    assert "| k (n=2) | PSNR gain | +2.50 | +1.25 | +1.25 [" in "\n".join(lines)
+    assert lines[-1].startswith("| all (n=2) | PSNR gain |") and lines[-1].endswith(
+        "| no difference |")  # two edits: t(0.975, 1) = 12.7 makes the interval wide
+
+
+def test_guidance_sweep_compares_dds_and_sds_at_each_guidance():
+    from types import SimpleNamespace
+
+    from dds.eval.experiments.editing import paired_by_guidance
+
+    up = {"success_pos": np.ones(6), "psnr_gain": np.arange(6.0) + 1.0}
+    down = {"success_pos": np.zeros(6), "psnr_gain": np.arange(6.0)}
+    per = {("dds", 3.0): up, ("sds", 3.0): down, ("dds", 7.5): down, ("sds", 7.5): down,
+           ("dds", 15.0): up, ("sdedit", 0.5): down}
+    es = SimpleNamespace(compared=("success_pos", "psnr_gain"))
+    c = paired_by_guidance(es, per)
+    assert list(c) == ["guidance 3.0", "guidance 7.5"]  # 15 has no SDS run to pair with
+    assert c["guidance 3.0"]["psnr_gain"]["verdict"] == "DDS better"  # d = 1 on every edit
+    assert c["guidance 3.0"]["success_pos"]["verdict"] == "DDS better"
+    assert {d["verdict"] for d in c["guidance 7.5"].values()} == {"no difference"}
 
 
 def test_seeds_are_named_once_with_their_values():

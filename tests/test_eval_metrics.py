@@ -187,3 +187,100 @@ def test_references_slice_every_row_field():
     r = References(source=torch.arange(4.0), targets=["a", "b", "c", "d"], clip=("m", "t"))
     s = r[1:3]
     assert s.source.tolist() == [1.0, 2.0] and s.targets == ["b", "c"] and s.clip == ("m", "t")
+
+
+def test_t_quantiles_match_the_tables():
+    from dds.eval.paired import t_quantile
+
+    for df, t in ((1, 12.7062), (4, 2.7764), (7, 2.3646), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+
+
+def test_paired_t_interval_closed_form():
+    """d = a - b = 1..5: mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776445 -> 3 +- 1.963243."""
+    import numpy as np
+
+    from dds.eval.paired import paired_difference, paired_t_interval
+
+    a = np.array([11.0, 12.0, 13.0, 14.0, 15.0])
+    b = np.array([10.0, 10.0, 10.0, 10.0, 10.0])
+    lo, hi = paired_t_interval(a - b)
+    assert (lo, hi) == (pytest.approx(1.036757, abs=1e-5), pytest.approx(4.963243, abs=1e-5))
+    d = paired_difference("psnr_gain", a, b, ("DDS", "SDS"))
+    assert d["interval"] == "paired t" and d["n"] == 5 and d["difference"] == pytest.approx(3.0)
+    assert d["low"] == pytest.approx(lo) and d["verdict"] == "DDS better"
+    # The same numbers where lower is better: the lower one is the better method.
+    assert paired_difference("lpips", a, b, ("DDS", "SDS"))["verdict"] == "SDS better"
+
+
+def test_paired_proportion_interval_closed_form():
+    """Agresti-Min: 3 of 8 pairs discordant for a, none for b: adjusted n10 = 3.5, n01 = 0.5,
+    n' = 10; 0.3 +- 1.959964 * sqrt(4 - 0.9) / 10 holds zero; 8 of 8 for a does not."""
+    import numpy as np
+
+    from dds.eval.paired import paired_difference, paired_proportion_interval
+
+    a = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    none = np.zeros(8, bool)
+    lo, hi = paired_proportion_interval(a, none)
+    assert (lo, hi) == (pytest.approx(-0.045087, abs=1e-5), pytest.approx(0.645087, abs=1e-5))
+    d = paired_difference("success_pos", a.astype(float), none.astype(float), ("DDS", "SDS"))
+    assert d["interval"] == "Agresti-Min" and d["difference"] == pytest.approx(3 / 8)
+    assert d["verdict"] == "no difference"
+    lo, hi = paired_proportion_interval(~none, none)
+    assert (lo, hi) == (pytest.approx(0.8 - 0.316034, abs=1e-5), 1.0)
+    assert paired_difference("success", np.ones(8), np.zeros(8), ("DDS", "SDS"))["verdict"] == (
+        "DDS better")
+
+
+def test_zero_difference_reads_no_difference():
+    """Identical outcomes (every pair agrees) and differences centred on zero both read 'no
+    difference', for a mean and for a proportion, per kind and over all."""
+    import numpy as np
+
+    from dds.eval.paired import compare
+
+    a = {"psnr_gain": np.array([1.0, 2.0, 3.0, 4.0]), "success_pos": np.array([1.0, 0, 1, 0])}
+    c = compare(a, a, ("psnr_gain", "success_pos"), ["x", "x", "y", "y"], ("DDS", "SDS"))
+    assert list(c) == ["x", "y", "all"]
+    for row in c.values():
+        for d in row.values():
+            assert d["difference"] == 0.0 and d["low"] <= 0.0 <= d["high"]
+            assert d["verdict"] == "no difference"
+    b = {"psnr_gain": a["psnr_gain"] + np.array([0.5, -0.5, 0.5, -0.5]),
+         "success_pos": np.array([0.0, 1, 1, 0])}
+    c = compare(a, b, ("psnr_gain", "success_pos"), None, ("DDS", "SDS"))
+    assert all(d["verdict"] == "no difference" for d in c["all"].values())
+
+
+def test_psnr_gain_is_zero_for_no_edit_and_position_success_is_registered():
+    import numpy as np
+
+    from dds.eval.metrics import WORLD_METRICS, References, get_metric, psnr, score_outputs
+
+    src, truth = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8) * 0.5
+    r = References(source=src, truth=truth)
+    out = torch.ones(2, 3, 8, 8) * torch.tensor([0.25, 0.5]).view(2, 1, 1, 1)
+    g = score_outputs(out, r, ("psnr_gain",))["psnr_gain"]
+    base = psnr(src, truth).numpy()
+    assert np.allclose(g, psnr(out, truth).numpy() - base)
+    assert np.allclose(score_outputs(src, r, ("psnr_gain",))["psnr_gain"], 0.0)
+    assert get_metric("psnr_gain").format(1.5) == "+1.50"
+    assert get_metric("success_pos").binary and get_metric("success").binary
+    assert not get_metric("psnr_gain").binary
+    assert WORLD_METRICS[:2] == ("success_pos", "success") and "psnr_gain" in WORLD_METRICS
+
+
+def test_paired_table_reads_both_means_the_interval_and_the_verdict():
+    import numpy as np
+
+    from dds.eval.paired import compare
+    from dds.eval.report import paired_table
+
+    a = {"success_pos": np.ones(8)}
+    b = {"success_pos": np.zeros(8)}
+    t = paired_table(compare(a, b, ("success_pos",), None, ("DDS", "SDS")), ("DDS", "SDS"))
+    lines = t.splitlines()
+    assert lines[0] == "| edit kind | measure | DDS | SDS | DDS − SDS [95% interval] | reading |"
+    assert lines[2] == ("| all (n=8) | success (placed) | 100.0% | 0.0% | +100.0% "
+                        "[+48.4%, +100.0%] | DDS better |")

@@ -73,3 +73,45 @@ def test_save_load_roundtrip(tmp_path):
         assert torch.allclose(a[k], b[k])
     with pytest.raises(FileNotFoundError):
         Judge.load(tmp_path / "missing.safetensors")
+
+
+def _moved_truth(edit, dx=None, scale=1.0):
+    from dataclasses import replace
+
+    objs = list(edit.target.objects)
+    o = objs[edit.obj_index]
+    d = o.size if dx is None else dx  # half the object's width
+    x = o.x + d if o.x + d + o.size < 64 else o.x - d
+    objs[edit.obj_index] = replace(o, x=x, size=o.size * scale)
+    return replace(edit.target, objects=tuple(objs))
+
+
+@pytest.mark.parametrize("kind", ["object_color", "object_shape"])
+def test_position_aware_success_fails_misplaced_and_shrunken_objects(judge, kind):
+    """The exact truth succeeds both ways; the truth with the object moved by half its width or
+    shrunk to 0.6 of its size keeps the attribute (the judge reads it) but fails once position
+    counts; the source fails both."""
+    rng = np.random.default_rng(78)
+    edits = [sample_edit(rng, kind) for _ in range(30)]
+
+    def both(scenes):
+        x = render_scenes(scenes)
+        return judge.edit_success(x, edits), judge.edit_success_placed(x, edits)
+
+    attr, placed = both([e.target for e in edits])
+    assert placed.dtype == bool and placed.mean() >= 0.95 and np.array_equal(placed, attr)
+    for variant in (_moved_truth, lambda e: _moved_truth(e, 0.0, 0.6)):
+        attr, placed = both([variant(e) for e in edits])
+        assert attr.mean() >= 0.6 and not placed.any()
+    attr, placed = both([e.source for e in edits])
+    assert not attr.any() and not placed.any()
+
+
+def test_position_aware_success_of_background_edits_keeps_the_objects(judge):
+    rng = np.random.default_rng(79)
+    edits = [sample_edit(rng, "background_color") for _ in range(30)]
+    assert judge.edit_success_placed(render_scenes([e.target for e in edits]), edits).mean() >= 0.95
+    assert not judge.edit_success_placed(render_scenes([e.source for e in edits]), edits).any()
+    moved = render_scenes([_moved_truth(e) for e in edits])  # the background right, object moved
+    assert judge.edit_success(moved, edits).mean() >= 0.9
+    assert not judge.edit_success_placed(moved, edits).any()

@@ -235,3 +235,69 @@ def test_export_folder_roundtrip(tmp_path):
     recs = load_folder(out)
     assert recs[0]["scene"] == ds.scene(0)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- placement: where the edited object is ------------------------------------------------------
+def _moved(edit, dx=None, scale=1.0):
+    """The truth with the edited object moved right by `dx` (default: half its width, i.e. its
+    size; left when the canvas ends) and its size scaled by `scale`."""
+    objs = list(edit.target.objects)
+    o = objs[edit.obj_index]
+    d = o.size if dx is None else dx
+    x = o.x + d if o.x + d + o.size < 64 else o.x - d
+    objs[edit.obj_index] = replace(o, x=x, size=o.size * scale)
+    return replace(edit.target, objects=tuple(objs))
+
+
+def _placement_of(edits, scene_of):
+    from dds.world.placement import edit_placement
+
+    return edit_placement(np.stack([render(scene_of(e)) for e in edits]), edits)
+
+
+@pytest.mark.parametrize("kind", ["object_color", "object_shape", "add_object"])
+def test_placement_needs_the_object_where_and_as_large_as_the_truths(kind):
+    """The exact truth is placed (IoU 1); the truth with the object moved by half its width, or
+    shrunk to 0.6 of its size, is not; nor is the source (old colour, old shape, no object)."""
+    rng = np.random.default_rng(31)
+    edits = [sample_edit(rng, kind) for _ in range(60)]
+    iou, placed = _placement_of(edits, lambda e: e.target)
+    assert placed.all() and iou.min() > 0.9 and np.median(iou) == 1.0  # rivals: edge pixels
+    iou, placed = _placement_of(edits, _moved)
+    assert not placed.any() and iou.max() < 0.35
+    iou, placed = _placement_of(edits, lambda e: _moved(e, 0.0, 0.6))
+    assert not placed.any() and iou.max() < 0.45
+    assert not _placement_of(edits, lambda e: e.source)[1].any()
+    # A slightly smaller object (0.9 of its size) is still the same object at the same place.
+    assert _placement_of(edits, lambda e: _moved(e, 0.0, 0.9))[1].mean() >= 0.9
+
+
+def test_placement_of_background_and_removal_edits_reads_the_kept_objects():
+    rng = np.random.default_rng(32)
+    bg = [sample_edit(rng, "background_color") for _ in range(40)]
+    iou, placed = _placement_of(bg, lambda e: e.target)
+    assert placed.all() and iou.min() > 0.8
+    assert _placement_of(bg, lambda e: e.source)[1].all()  # objects kept; the judge fails it
+    moved = [replace(e, obj_index=0) for e in bg]  # move the first object of the truth away
+    assert not _placement_of(moved, _moved)[1].any()
+    rm = [sample_edit(rng, "remove_object") for _ in range(40)]
+    assert _placement_of(rm, lambda e: e.target)[1].all()
+    assert not _placement_of(rm, lambda e: e.source)[1].any()  # the object is still there
+
+
+def test_placement_tolerates_blur_noise_and_a_colour_cast():
+    """What an autoencoder does to the truth (slight blur, noise, a small cast) keeps it placed."""
+    from dds.world.placement import edit_placement
+
+    rng = np.random.default_rng(33)
+    edits = [sample_edit(rng, k) for k in ("object_color", "object_shape", "background_color")
+             for _ in range(30)]
+    x = np.stack([render(e.target) for e in edits])
+    k = np.array([0.25, 0.5, 0.25])
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    x = sum(k[i] * pad[:, i:i + 64, 1:-1] for i in range(3))
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)), mode="edge")
+    x = sum(k[j] * pad[:, :, j:j + 64] for j in range(3))
+    x = np.clip(x + 0.03 + 0.03 * np.random.default_rng(0).standard_normal(x.shape), 0, 1)
+    iou, placed = edit_placement(x.transpose(0, 3, 1, 2), edits)  # (N,3,H,W) works too
+    assert placed.all() and iou.min() > 0.6

@@ -4,9 +4,11 @@
   whether every attribute the caption mentions is in the image;
 - autoencoder: reconstruction PSNR on held-out scenes;
 - editing: one-attribute edits (object colour, object shape, background colour) on held-out
-  scenes, DDS and SDS at the model's editing defaults, scored by judge success, PSNR to the
-  exact ground-truth re-render and PSNR/SSIM to the source outside the edited region, beside
-  the two floors (no edit, autoencoder round trip);
+  scenes, DDS and SDS at the model's editing defaults, scored by success (position-aware and
+  attribute-only), PSNR to the exact ground-truth re-render and its gain over no edit, and
+  PSNR/SSIM to the source outside the edited region, beside the two floors (no edit,
+  autoencoder round trip); DDS against SDS edit by edit, with 95% intervals
+  (`dds.eval.paired`);
 - defaults: the small sweep (on validation scenes, disjoint from the test scenes) from which the
   model's `dds_edit_defaults.json` is chosen.
 """
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 
 from dds.eval.floors import FLOOR_LABELS, measure_floors
-from dds.eval.metrics import WORLD_METRICS, psnr
+from dds.eval.metrics import WORLD_COMPARED, WORLD_METRICS, psnr
+from dds.eval.paired import PAIRED, compare_methods, comparison_text
 from dds.eval.report import metric_table, write_atomic
 from dds.eval.runner import Runner, batches, open_runner
 from dds.eval.seeds import GENERATION_STREAM, HELD_OUT_SEED, VAE_STREAM, VALIDATION_SEED
@@ -135,7 +138,7 @@ def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int =
     edits = held_out_edits(per_kind, seed=seed)
     runner = open_runner(parts_dir, {
         "edit_config": json.loads(cfg.to_json()), "per_kind": per_kind, "seed": seed,
-        "batch_size": batch_size})
+        "batch_size": batch_size, "metrics": list(WORLD_METRICS)})
     prepared = None
 
     def prep() -> Prepared:  # only when a unit is computed: a resumed run needs no model
@@ -152,15 +155,17 @@ def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int =
         return score(images, edits[sl], judge)
 
     slices = batches(len(edits), batch_size)
-    out = {}
+    out, per = {}, {}
     for method in METHODS:
         c = cfg.with_(method=method)
-        metrics = runner.batches((method,), slices, lambda sl, c=c: run(sl, c), name_by_start=True)
-        out[method] = summarise(metrics, edits)
+        per[method] = runner.batches((method,), slices, lambda sl, c=c: run(sl, c),
+                                     name_by_start=True)
+        out[method] = summarise(per[method], edits)
     floors = measure_floors(runner, model, images_of([e.source for e in edits]),
                             lambda: prep().z_hat, lambda x, sl: score(x, edits[sl], judge),
                             slices, name_by_start=True)
     out.update({name: summarise(m, edits) for name, m in floors.items()})
+    out[PAIRED] = compare_methods(per, [e.kind for e in edits], WORLD_COMPARED)
     return out
 
 
@@ -225,7 +230,8 @@ def run_quality(model, judge, out_dir: Path, preset: QualityPreset = FULL,
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = EditConfig().with_(**model.edit_defaults)
     runner = Runner(out_dir, {"preset": preset.__dict__, "edit_config": json.loads(cfg.to_json()),
-                              "model": getattr(model, "label", None)})
+                              "model": getattr(model, "label", None),
+                              "metrics": list(WORLD_METRICS)})
     report = {
         "preset": preset.__dict__,
         "edit_config": json.loads(cfg.to_json()),
@@ -281,14 +287,16 @@ def quality_markdown(r: dict) -> str:
 
 
 def editing_table(editing: dict) -> str:
-    """Markdown: per edit kind, each method and then the two floors, by the world metrics."""
+    """Markdown: per edit kind, each method and then the two floors, by the world metrics; then,
+    when `editing` holds one, the paired comparison of the methods."""
     floors = [f for f in FLOOR_LABELS if f in editing]
-    methods = [m for m in editing if m not in FLOOR_LABELS]
+    methods = [m for m in editing if m not in FLOOR_LABELS and m != PAIRED]
     rows = []
     for kind in editing[methods[0]]:
         rows += [((f"{kind} (n={editing[m][kind]['n']})", m.upper()), editing[m][kind])
                  for m in methods]
         rows += [((f"{kind} (n={editing[f][kind]['n']})", FLOOR_LABELS[f]), editing[f][kind])
                  for f in floors]
-    return metric_table(rows, ["edit kind", "method"], WORLD_METRICS,
-                        unranked=FLOOR_LABELS.values(), group=0)
+    table = metric_table(rows, ["edit kind", "method"], WORLD_METRICS,
+                         unranked=FLOOR_LABELS.values(), group=0)
+    return table + ("\n" + comparison_text(editing[PAIRED]) if PAIRED in editing else "")

@@ -117,7 +117,8 @@ class References:
 class Metric:
     """name: the key in tables; fn(outputs, refs) -> per-edit values (N,); outputs are images
     (N,3,H,W) in [0,1] unless `on` says latents.  label: axis title; short: column title;
-    spec: format spec of one value; doc: one line for reports."""
+    spec: format spec of one value; doc: one line for reports; binary: per-edit values are 0/1
+    (a success), so its mean is a proportion (`dds.eval.paired` picks its interval by this)."""
 
     name: str
     fn: Callable[[Tensor, References], np.ndarray]
@@ -127,6 +128,7 @@ class Metric:
     spec: str = ".3f"
     doc: str = ""
     on: str = "images"
+    binary: bool = False
 
     def format(self, v) -> str:
         if v is None or not np.isfinite(v):
@@ -170,6 +172,15 @@ def _success(x, r):
     return r.judge.edit_success(x, r.edits).astype(float)
 
 
+def _success_placed(x, r):
+    return r.judge.edit_success_placed(x, r.edits).astype(float)
+
+
+def _psnr_gain(x, r):
+    """PSNR to the truth of the output less that of the source ('no edit'), per edit."""
+    return (psnr(x, r.truth) - psnr(r.source, r.truth)).numpy()
+
+
 def _clip(x, r):
     from dds.eval.clip_score import clip_score
 
@@ -187,11 +198,21 @@ def _latent_l2(z, r):
 
 
 for _m in (
-    Metric("success", _success, True, "edit success (judge)", "judge success", ".1%",
-           "judge reads the edited attribute as its target value (text fidelity)"),
+    Metric("success_pos", _success_placed, True, "edit success (judge and position)",
+           "success (placed)", ".1%",
+           "judge reads the edited attribute as its target value AND the edited object is where "
+           "the truth's is (silhouette IoU >= 0.5; shape edits nearer the target shape than the "
+           "source's; background edits keep every object)", binary=True),
+    Metric("success", _success, True, "edit success (judge, attribute only)",
+           "success (attribute)", ".1%",
+           "judge reads the edited attribute as its target value, wherever the object is",
+           binary=True),
     Metric("psnr_gt", lambda x, r: psnr(x, r.truth).numpy(), True,
            "PSNR to the exact ground truth (dB)", "PSNR to ground truth", ".2f",
            "PSNR (dB) to the exact ground-truth re-render"),
+    Metric("psnr_gain", _psnr_gain, True, "PSNR gain over no edit (dB)", "PSNR gain", "+.2f",
+           "PSNR to the truth less the source's own PSNR to the truth, per edit (dB; > 0: the "
+           "edit moved the image towards the truth)"),
     Metric("psnr_out", lambda x, r: psnr(x, r.source, r.outside).numpy(), True,
            "PSNR outside the edit (dB)", "PSNR outside edit", ".2f",
            "PSNR (dB) to the source outside the edited region (preservation)"),
@@ -210,5 +231,8 @@ for _m in (
 ):
     register_metric(_m)
 
-WORLD_METRICS = ("success", "psnr_gt", "psnr_out", "ssim_out")
+WORLD_METRICS = ("success_pos", "success", "psnr_gt", "psnr_gain", "psnr_out", "ssim_out")
 REAL_METRICS = ("clip", "lpips")
+# What two methods are compared by, edit by edit (`dds.eval.paired`).
+WORLD_COMPARED = ("success_pos", "psnr_gain", "ssim_out")
+REAL_COMPARED = REAL_METRICS

@@ -73,7 +73,8 @@ def metric_table(rows: Sequence[tuple[Sequence[str], dict]], keys: Sequence[str]
                  group: int | None = None) -> str:
     """A markdown table: the `keys` columns (row labels), then one column per metric.
 
-    rows: (labels, values) pairs, values holding every metric by name.  The best value of each
+    rows: (labels, values) pairs, values holding the metrics by name (a missing one, e.g. in a
+    report from before it was measured, shows as 'nan').  The best value of each
     metric is in bold, by the metric's registered direction, among all rows or, with `group`,
     among the rows sharing label `group`; rows with a label in `unranked` (the floors) are
     shown but never marked best.
@@ -88,16 +89,42 @@ def metric_table(rows: Sequence[tuple[Sequence[str], dict]], keys: Sequence[str]
     for labels, values in rows:
         if ranked(labels):
             for k in metrics:
-                best.setdefault((key(labels), k), []).append(values[k])
+                best.setdefault((key(labels), k), []).append(values.get(k))
     best = {gk: get_metric(gk[1]).best(v) for gk, v in best.items()}
     lines = ["| " + " | ".join([*keys, *(metric_header(k) for k in metrics)]) + " |",
              "|" + " --- |" * (len(keys) + len(metrics))]
     for labels, values in rows:
         cells = []
         for k in metrics:
-            text = get_metric(k).format(values[k])
+            text = get_metric(k).format(values.get(k))
             top = best.get((key(labels), k))
             cells.append(f"**{text}**" if ranked(labels) and top is not None
-                         and values[k] == top else text)
+                         and values.get(k) == top else text)
         lines.append("| " + " | ".join([*labels, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def signed(name: str, v) -> str:
+    """A value of metric `name` in its format, always with its sign (a difference)."""
+    m = get_metric(name)
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    spec = m.spec if m.spec.startswith("+") else "+" + m.spec
+    return f"{v:{spec}}"
+
+
+def paired_table(comparison: dict, names: Sequence[str], key: str = "edit kind") -> str:
+    """A markdown table of paired differences (`dds.eval.paired.compare`'s result, or any
+    {label: {metric: difference}}): per label and metric, both means, the difference with its
+    interval, and the reading ('no difference' when the interval holds zero)."""
+    a, b = names
+    conf = next((d["confidence"] for row in comparison.values() for d in row.values()), 0.95)
+    lines = [f"| {key} | measure | {a} | {b} | {a} − {b} [{conf:.0%} interval] | reading |",
+             "|" + " --- |" * 6]
+    for label, row in comparison.items():
+        for k, d in row.items():
+            m = get_metric(k)
+            lines.append(f"| {label} (n={d['n']}) | {m.short} | {m.format(d['a'])} | "
+                         f"{m.format(d['b'])} | {signed(k, d['difference'])} "
+                         f"[{signed(k, d['low'])}, {signed(k, d['high'])}] | {d['verdict']} |")
     return "\n".join(lines) + "\n"

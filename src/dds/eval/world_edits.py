@@ -2,9 +2,11 @@
 
 Every edit changes one attribute of a procedural scene; the re-render of the edited scene is
 the exact answer.  A method's output is scored by the metrics `WORLD_METRICS` of the registry
-(`dds.eval.metrics`): judge success (text fidelity), PSNR to the ground-truth re-render, and
-PSNR/SSIM to the source outside the edited region (preservation of what the prompt does not
-mention: texture, position, the other object).
+(`dds.eval.metrics`): success with the edited object in the truth's place
+(`dds.world.placement`) and the judge's reading of the attribute alone (text fidelity), PSNR to
+the ground-truth re-render and its gain over the source's, and PSNR/SSIM to the source outside
+the edited region (preservation of what the prompt does not mention: texture, position, the
+other object).
 """
 
 from __future__ import annotations

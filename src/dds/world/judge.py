@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dds.world.placement import edit_placed
 from dds.world.scene import (
     BACKGROUND_NAMES,
     CANVAS,
@@ -353,6 +354,14 @@ class Judge:
             else:
                 raise ValueError(f"unknown edit kind {e.kind!r}")
         return ok
+
+
+    def edit_success_placed(self, images: Any, edits: Sequence[Edit]) -> np.ndarray:
+        """Per image: the edited attribute read right (:meth:`edit_success`) AND the edited
+        object where the truth's is (:func:`dds.world.placement.edit_placed`: silhouette IoU
+        with the truth's object >= 1/2; for shape edits nearer the target shape than the source
+        shape; for background edits every object kept)."""
+        return self.edit_success(images, edits) & edit_placed(images, edits)
 
 
 def _accuracies(p: dict[str, np.ndarray], y: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.eval.metrics import REAL_METRICS, WORLD_METRICS, References, get_metric, score_outputs
+from dds.eval.metrics import (
+    REAL_COMPARED,
+    REAL_METRICS,
+    WORLD_COMPARED,
+    WORLD_METRICS,
+    References,
+    get_metric,
+    score_outputs,
+)
 from dds.eval.seeds import DERANGEMENT_STREAM, HELD_OUT_SEED, SCENES_STREAM
 
 
@@ -63,7 +71,8 @@ class RelatedPairs:
 @dataclass
 class EditSet:
     """Edits to run, what their outputs are scored against, and which registered metrics score
-    them (`metrics`) and are the two axes (fidelity, preservation) and the quality."""
+    them (`metrics`), are the two axes (fidelity, preservation) and the quality, and compare two
+    methods edit by edit (`compared`)."""
 
     z_hat: Tensor  # (N,C,h,w) source latents
     cond_source: object  # Conditioning, one row per edit
@@ -72,7 +81,8 @@ class EditSet:
     kinds: list[str]
     refs: References
     metrics: tuple[str, ...] = WORLD_METRICS
-    fidelity: str = "success"
+    compared: tuple[str, ...] = WORLD_COMPARED
+    fidelity: str = "success_pos"
     preservation: str = "psnr_out"
     quality: str = "psnr_gt"  # the one number convergence tracks
 
@@ -240,4 +250,5 @@ def real_editset(model, folder, n: int, size: int | None, clip, lpips_model) -> 
         z_hat=encode01(model, x), cond_source=embed(model, ys), cond_target=embed(model, yt),
         captions=list(zip(ys, yt, strict=True)), kinds=["user"] * len(rows),
         refs=References(source=x, targets=yt, clip=clip, lpips=lpips_model),
-        metrics=REAL_METRICS, fidelity="clip", preservation="lpips", quality="clip")
+        metrics=REAL_METRICS, compared=REAL_COMPARED, fidelity="clip", preservation="lpips",
+        quality="clip")

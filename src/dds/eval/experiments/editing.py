@@ -10,7 +10,8 @@ from dds.eval import plots
 from dds.eval.experiments.common import EditSet
 from dds.eval.floors import FLOOR_LABELS, measure_floors
 from dds.eval.metrics import get_metric
-from dds.eval.report import fmt, metric_table, write_csv
+from dds.eval.paired import compare
+from dds.eval.report import fmt, metric_table, paired_table, write_csv
 from dds.eval.runner import batches
 from dds.eval.world_edits import decode01
 from dds.methods import METHODS
@@ -89,7 +90,7 @@ SWEPT = ("dds", "sds", "sdedit", "ddim-inversion")  # the frontier's curves
 def run_guidance_sweep(ctx, p: dict) -> dict:
     """DDS vs SDS vs SDEdit vs DDIM inversion on the same edits; fidelity vs preservation."""
     es = ctx.editset(p["n_edits"])
-    runner = ctx.runner({"experiment": "guidance-sweep", **p,
+    runner = ctx.runner({"experiment": "guidance-sweep", **p, "metrics": list(es.metrics),
                          "edit_config": ctx.edit_cfg(steps=p["steps"]).to_json()})
     per = _sweep_measure(ctx, es, p, runner)
     floors = measure_floors(runner, ctx.model, es.source01, es.z_hat, es.score,
@@ -97,11 +98,20 @@ def run_guidance_sweep(ctx, p: dict) -> dict:
     rows = _sweep_rows(es, per) + _sweep_rows(es, {(k, None): v for k, v in floors.items()})
     allr = [r for r in rows if r["kind"] == "all"]
     summary = _sweep_summary(es, allr)
+    summary["paired_dds_sds"] = paired_by_guidance(es, per)
     pngs = _sweep_plots(ctx, es, allr)
     write_csv(ctx.out / "guidance_sweep.csv", rows)
     ctx.finish("guidance-sweep", p, rows, summary, _sweep_text(es, allr, summary), pngs, runner,
                "Figures 5 and 9: DDS over guidance vs SDS, SDEdit and DDIM inversion", es=es)
     return summary
+
+
+def paired_by_guidance(es: EditSet, per: dict) -> dict[str, dict]:
+    """DDS against SDS at each guidance both ran at, edit by edit over all edits (same edits,
+    same seeds): {"guidance G": {metric: paired difference}} (`dds.eval.paired`)."""
+    gs = [v for m, v in per if m == "dds" and ("sds", v) in per]
+    return {f"guidance {g}": compare(per[("dds", g)], per[("sds", g)], es.compared,
+                                     names=("DDS", "SDS"))["all"] for g in gs}
 
 
 def _sweep_measure(ctx, es: EditSet, p: dict, runner) -> dict[tuple[str, float], dict]:
@@ -209,7 +219,7 @@ def _sweep_plots(ctx, es: EditSet, allr: list[dict]) -> list[str]:
 def _sweep_text(es: EditSet, allr: list[dict], summary: dict) -> str:
     """The findings in words, with the table of every setting and the floors."""
     f, q = es.fidelity, es.preservation
-    cols = [f, q] + ([es.quality] if es.quality not in (f, q) else [])
+    cols = list(dict.fromkeys([f, q, es.quality, *es.metrics]))
     table = metric_table(
         [((FLOOR_LABELS.get(r["method"], r["method"]),
            "" if r["value"] is None else f"{r['setting']} {r['value']}"), r) for r in allr],
@@ -237,7 +247,11 @@ def _sweep_text(es: EditSet, allr: list[dict], summary: dict) -> str:
         f"**Claim (large guidance buys little fidelity and costs preservation): "
         f"{'not tested (needs three guidances)' if guidance_ok is None else 'reproduces' if guidance_ok else 'does NOT reproduce'}** (criteria: the gain from "
         f"{g_mid} to {g_hi} is under a quarter of the gain from {g_lo} to {g_mid}, and "
-        f"preservation gets worse)."
+        f"preservation gets worse).\n\n"
+        "DDS against SDS at each guidance, edit by edit (same edits, same seeds): the difference "
+        "of the means with its 95% interval (paired t for means, Agresti-Min for success "
+        "proportions); an interval holding zero reads 'no difference'.\n\n"
+        + paired_table(summary["paired_dds_sds"], ("DDS", "SDS"), key="setting")
     )
 
 
@@ -357,6 +371,7 @@ def run_convergence(ctx, p: dict) -> dict:
     cps = sorted({0, *p["steps_list"]})
     total = cps[-1]
     runner = ctx.runner({"experiment": "convergence", **p, "checkpoints": cps,
+                         "metrics": list(es.metrics),
                          "edit_config": ctx.edit_cfg(steps=total).to_json()})
     bar = progress_bar(n * total, "convergence (edits x steps)", ctx.quiet, unit="step")
     res = runner.batches(
