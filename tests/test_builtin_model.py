@@ -108,9 +108,14 @@ def test_demo_end_to_end(tmp_path):
     grid = Image.open(tmp_path / "demo.png")
     assert grid.size[0] > 4 * 64
     report = json.loads((tmp_path / "demo.json").read_text())
-    assert {"dds", "sds"} <= set(report["figures"])  # and the baselines the demo shows
-    f = report["figures"]["dds"]["all"]
+    figs = report["figures"]
+    assert set(figs) == {"dds", "sds", "no-edit", "round-trip", "paired"}
+    f = figs["dds"]["all"]
     assert f["n"] == 3 and 0 <= f["success"] <= 1 and np.isfinite(f["psnr_gt"])
+    # The floors: leaving the image alone never succeeds and gains nothing over itself.
+    assert figs["no-edit"]["all"]["success"] == 0 and figs["no-edit"]["all"]["psnr_gain"] == 0
+    assert figs["round-trip"]["all"]["success_pos"] == 0
+    assert set(figs["paired"]["by"]["all"]) == {"success_pos", "psnr_gain", "ssim_out"}
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ KINDS = ("object_color", "object_shape", "background_color")
 def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps: int | None = None,
              quiet: bool = False) -> dict:
     from dds.eval.floors import measure_floors
+    from dds.eval.metrics import WORLD_COMPARED
+    from dds.eval.paired import PAIRED, compare_methods
     from dds.eval.plots import grid_image
     from dds.eval.runner import open_runner
     from dds.eval.seeds import DEMO_STREAM
@@ -34,16 +36,19 @@ def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps:
         rng = np.random.default_rng([seed, DEMO_STREAM, k])
         edits += [sample_edit(rng, kind) for _ in range(per_kind)]
     prepared = prepare(model, edits)
-    results, figures = {}, {}
+    results, figures, per = {}, {}, {}
     for method in METHODS:
         cfg = edit_config(model, method=method, steps=steps, seed=seed)
         results[method] = run_zero_shot(model, edits, cfg, prepared=prepared,
                                         desc=f"{method.upper()} on {len(edits)} edits", quiet=quiet)
-        figures[method] = summarise(score(results[method], edits, judge), edits)
+        per[method] = score(results[method], edits, judge)
+        figures[method] = summarise(per[method], edits)
     floors = measure_floors(open_runner(None, {}), model, images_of([e.source for e in edits]),
                             prepared.z_hat, lambda x, sl: score(x, edits[sl], judge),
                             [slice(0, len(edits))])
     figures.update({name: summarise(m, edits) for name, m in floors.items()})
+    # DDS against SDS on the same edits and seeds: paired differences with 95% intervals.
+    figures[PAIRED] = compare_methods(per, [e.kind for e in edits], WORLD_COMPARED)
     rows, labels = [], []
     for i, e in enumerate(edits):
         to_np = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
