@@ -68,11 +68,11 @@ def run_demo(out_dir: Path, seed: int = 0, per_kind: int = 2, model=None, steps:
     return report
 
 
-def print_figures(report: dict, file=sys.stdout) -> None:
+def print_figures(report: dict, file=None) -> None:
     """The figures as a table: per edit kind, each method, then the two floors."""
     from dds.eval.builtin_quality import editing_table
 
-    print(editing_table(report["figures"]), file=file, end="")
+    print(editing_table(report["figures"]), file=file or sys.stdout, end="")
 
 
 def cmd_demo(args) -> int:
