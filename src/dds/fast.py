@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.loop import EditConfig, draw_t_eps
+from dds.loop import EditConfig, check_diverged, draw_t_eps
 from dds.methods import get_method
 from dds.models.base import Conditioning, expand_cond
 from dds.models.trace import TracedUNet
@@ -246,6 +246,11 @@ class FastEditor:
         z = z_hat.clone()
         if cfg.steps == 0:
             return z
+        z = self._loop(z, z_hat, cond, plan, cfg, lr, scale, method)
+        check_diverged(z, cfg.steps)  # once, at the end: no host sync inside the loop
+        return z
+
+    def _loop(self, z, z_hat, cond, plan: _Plan, cfg: EditConfig, lr, scale, method):
         if self.cuda_graphs:
             try:
                 return self._edit_graphed(z, z_hat, cond, plan, cfg.guidance, lr, scale, method)
