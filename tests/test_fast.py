@@ -127,7 +127,9 @@ def test_cuda_graphs_fall_back_on_cpu(tiny_backend, inputs):
     )
 
 
+@pytest.mark.slow
 def test_benchmark_script(tmp_path, monkeypatch, tiny_sd):
+    """The benchmark runs end to end and its rows agree (40 s on two cores: `make slow`)."""
     spec = importlib.util.spec_from_file_location("bench_edit", BENCH)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_edit", bench)  # dataclasses look their module up
