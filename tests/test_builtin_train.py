@@ -160,6 +160,25 @@ def test_command_line_parses():
     assert a.judge_every == 0
 
 
+def test_presets_name_the_recipes_and_keep_latent_sizes_consistent():
+    p = T.build_parser()
+    # no --preset: the third release's recipe, which the shipped model's command relies on
+    assert T.config_from_args(p.parse_args([])) == C.default() == C.third()
+    fourth = T.config_from_args(p.parse_args(["--preset", "fourth", "--unet-steps", "7"]))
+    assert fourth.name == "fourth" and fourth.unet_steps == 7
+    assert fourth.vae.block_out_channels == (32, 64) and fourth.unet.sample_size == 32
+    for cfg in (C.default(), C.fourth(), C.tiny()):
+        latent = cfg.image_size // 2 ** (len(cfg.vae.block_out_channels) - 1)
+        assert latent == cfg.unet.sample_size, cfg.name
+        assert len(cfg.unet.down_block_types) == len(cfg.unet.block_out_channels)
+        assert len(cfg.unet.up_block_types) == len(cfg.unet.block_out_channels)
+    # the fourth's cross-attention sits at 8x8 and 4x4, as the third's does
+    attn = [32 // 2**i for i, b in enumerate(C.fourth().unet.down_block_types) if "CrossAttn" in b]
+    assert attn == [8, 4]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--preset", "fifth"])
+
+
 def test_weighted_mse_closed_forms():
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
@@ -226,6 +245,7 @@ def test_pretrained_text_encoder_is_kept_frozen_through_the_unet_stage(tmp_path)
     assert stages == ["text"] * 3 + ["vae"] * 4 + ["unet"] * 4
 
 
+@pytest.mark.slow
 def test_second_release_recipe_trains_the_text_encoder_with_the_unet(tmp_path):
     """Without stage 0 (the second release's recipe, no longer the default) the encoder starts
     fresh; with text_lr > 0 the UNet stage moves it, with text_lr 0 it leaves the same seeded

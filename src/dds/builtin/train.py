@@ -919,6 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra weight of object pixels in the autoencoder's loss (0: plain)")
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
+    p.add_argument("--preset", choices=sorted(C.PRESETS), default="third",
+                   help="the recipe the other options change (third: the shipped model's, "
+                   "16x16 latent; fourth: 32x32 latent, docs/builtin-model-4.md)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads, set once for the whole run (default 2)")
@@ -928,9 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> C.TrainConfig:
-    """The run's config: the tiny or default recipe with the options given."""
+    """The run's config: the tiny recipe or the named preset, with the options given."""
     return C.with_overrides(
-        C.tiny() if args.tiny else C.default(),
+        C.tiny() if args.tiny else C.PRESETS[getattr(args, "preset", "third")](),
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
