@@ -206,11 +206,7 @@ class FastEditor:
             ts.append(t)
             epss.append(eps)
         b = len(seeds)
-        if cfg.steps == 0:
-            t = torch.zeros(0, b, dtype=torch.long)
-            eps = torch.zeros(0, b, *shape)
-        else:
-            t, eps = torch.stack(ts), torch.stack(epss)  # (S,B), (S,B,C,h,w)
+        t, eps = torch.stack(ts), torch.stack(epss)  # (S,B), (S,B,C,h,w); EditConfig: S >= 1
         weight = timestep_weight(self._schedule_cpu, t, cfg.weight_a, cfg.weight_b)
         dev = self.device
         return _Plan(t=t.to(dev), eps=eps.to(dev),
@@ -243,10 +239,7 @@ class FastEditor:
 
         cond = method.conditioning(prep(self._uncond()), prep(cond_source), prep(cond_target))
         lr, scale = cfg.lr, cfg.loss_scale / cfg.reference_area
-        z = z_hat.clone()
-        if cfg.steps == 0:
-            return z
-        z = self._loop(z, z_hat, cond, plan, cfg, lr, scale, method)
+        z = self._loop(z_hat.clone(), z_hat, cond, plan, cfg, lr, scale, method)
         check_diverged(z, cfg.steps)  # once, at the end: no host sync inside the loop
         return z
 
