@@ -317,3 +317,18 @@ def test_web_app_translation_tab_uses_the_network(trained):
     out = tab(im, net.tasks[0])
     assert out.size == im.size
     assert np.array_equal(np.asarray(out), np.asarray(net([im], net.tasks[0])[0]))
+
+
+def test_a_checkpoint_without_its_vae_uses_the_base_models(trained, tmp_path):
+    """Checkpoints hold the network only; its autoencoder then comes from the base model,
+    through the model registry (nothing else reads a model's folder)."""
+    from dds.errors import DDSError
+    from dds.translate import Translator
+
+    last = sorted(p for p in (trained / "checkpoints").iterdir() if p.name.startswith("step-"))[-1]
+    assert not (last / "vae").exists()
+    exported, checkpoint = Translator(trained / "model"), Translator(last)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(exported.edit_tensor(x, "square"), checkpoint.edit_tensor(x, "square"))
+    with pytest.raises(DDSError, match="has no autoencoder.*--base-model"):
+        Translator(last, base_model=tmp_path)

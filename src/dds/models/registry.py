@@ -70,6 +70,26 @@ def load_model(model: str | Path | None = None, dtype: str = "auto",
                    f"({', '.join(f.name for f in FAMILIES)})")
 
 
+def load_autoencoder(model: str | Path | None = None, device="cpu"):
+    """The autoencoder of a model folder alone (None: the built-in model), frozen, float32:
+    what a network trained on that model's latents needs, without its denoiser."""
+    from diffusers import AutoencoderKL
+
+    from dds.models.stable_diffusion import resolve_model_dir
+
+    root = builtin_model_dir() if model is None else resolve_model_dir(model)
+    vae_dir = root / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise DDSError(f"model folder '{root}' has no autoencoder ('vae/config.json'); give the "
+                       "model folder the network was trained from")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(device)
+    except (OSError, ValueError) as e:
+        raise DDSError(f"the autoencoder in '{root}' cannot be loaded ({type(e).__name__}); "
+                       "check the model folder") from None
+    return vae.eval().requires_grad_(False)
+
+
 _LOADED: dict[tuple, object] = {}
 
 

@@ -231,33 +231,22 @@ class Translator:
     """A loaded translation network with its VAE: images in, edited images out."""
 
     def __init__(self, checkpoint, base_model=None, device: str | None = None):
-        from diffusers import AutoencoderKL
+        from dds.models.registry import load_autoencoder
 
         folder = resolve_checkpoint(checkpoint)
         _check_sizes(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net, self.cfg = load_net(folder, self.device)
         self.folder = folder
-        if (folder / "vae" / "config.json").is_file():
-            vae_dir = folder / "vae"
-        else:
+        if (folder / "vae" / "config.json").is_file():  # the copy the trainer exported
+            self.vae = load_autoencoder(folder, self.device)
+        else:  # an older checkpoint: the base model's own
             base = base_model or self.cfg.base_model
-            if base == "builtin":
-                from dds.models.registry import builtin_model_dir
-
-                base = builtin_model_dir()
-            vae_dir = Path(base) / "vae"
-            if not (vae_dir / "config.json").is_file():
-                raise DDSError(
-                    f"the base model's VAE is not in '{vae_dir}'; pass the base model folder "
-                    "the network was trained from with --base-model"
-                )
-        try:
-            self.vae = AutoencoderKL.from_pretrained(vae_dir).to(self.device).eval()
-        except (OSError, ValueError) as e:
-            raise DDSError(f"the VAE in '{vae_dir}' cannot be loaded ({type(e).__name__}); "
-                           "check the base model folder") from None
-        self.vae.requires_grad_(False)
+            try:
+                self.vae = load_autoencoder(None if base == "builtin" else base, self.device)
+            except DDSError as e:
+                raise DDSError(f"{e} (for this network, pass the base model folder it was "
+                               "trained from with --base-model)") from None
         self.scaling = float(self.vae.config.scaling_factor)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         n_down = len(self.cfg.unet["block_out_channels"]) - 1
