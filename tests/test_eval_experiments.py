@@ -115,6 +115,12 @@ class FakeJudge:
     def edit_success(self, images, edits):
         return images.mean((1, 2, 3)).numpy() > 0.45
 
+    def edit_success_placed(self, images, edits):
+        """The real placement rule on top of the fake attribute reading, as the judge does."""
+        from dds.world.placement import edit_placed
+
+        return self.edit_success(images, edits) & edit_placed(images, edits)
+
 
 def _ctx(model, out, **kw):
     return Context(model=model, out=out, quick=True, quiet=True, judge=FakeJudge(), **kw)
