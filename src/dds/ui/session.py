@@ -53,7 +53,6 @@ from dds.ui.slots import EditQueue, Ticket
 HISTORY_LIMIT = 50  # edits remembered per page
 HISTORY_COLUMNS = ["#", "method", "source", "target", "steps", "guidance", "lr", "seed", "size",
                    "outcome"]
-_one_sentence = one_sentence  # the name other modules of the page import
 
 
 @dataclass
