@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,27 @@ class HeldDecode(Wrapped):
             if not self.release.wait(120):
                 raise RuntimeError("the test never released the held step")
         return self._inner.decode(z)
+
+
+def test_kept_input_appears_whole(tiny_backend, photo, tmp_path, monkeypatch):
+    """Pages that share an input image share its kept copy: one may serve the file while
+    another writes it, so it must appear under its name only once complete."""
+    session = EditSession(tiny_backend, defaults={"size": SIZE}, out_dir=tmp_path)
+    seen = []
+    real_save = Image.Image.save
+
+    def watched(im, fp, *a, **k):
+        seen.append((Path(fp), sorted(p.name for p in tmp_path.glob("dds-input-*.png"))))
+        return real_save(im, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", watched)
+    path = session.save_input(photo)
+    assert [names for _, names in seen] == [[]]  # nothing under the final name mid-write
+    assert seen[0][0] != path
+    assert session.save_input(photo) == path and len(seen) == 1  # kept once
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
+                          np.asarray(photo.convert("RGB")))
 
 
 def test_cancel_stops_after_the_current_step_and_keeps_latest(tiny_backend, photo, tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from dds.errors import DDSError, SettingError
+from dds.images import save_png
 from dds.loop import LIMITS, check_range
 from dds.models.registry import is_builtin
 from dds.pipeline import (
@@ -335,8 +336,8 @@ class EditSession:
         """The original input of an edit, kept (once per distinct image) so that restoring a
         history row restores the image too."""
         path = self.out_dir / f"dds-input-{image_hash(image)}.png"
-        if not path.exists():
-            image.save(path)
+        if not path.exists():  # atomic: another page may serve this file while it is written
+            save_png(image, path)
         return path
 
     def page_edit(self, image, source, target, method, guidance, steps, lr, seed, size,
