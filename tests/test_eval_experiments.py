@@ -34,6 +34,9 @@ class PointMassBackend:
     def uncond(self):
         return torch.zeros(1, 1, int(np.prod(self.shape)))
 
+    def schedule_for(self, shape):
+        return self.schedule
+
     def predict_eps(self, z_t, t, emb):
         mu = emb.reshape(z_t.shape)
         a, s = alpha_sigma(self.schedule, t)

@@ -71,7 +71,7 @@ def test_conditioning_subclass_fields_are_carried():
     class Masked(Conditioning):
         mask: torch.Tensor | None = None
 
-    c = Masked(torch.randn(2, 4, 3), None, torch.tensor([[1.0], [2.0]]))
+    c = Masked(torch.randn(2, 4, 3), mask=torch.tensor([[1.0], [2.0]]))
     both = Conditioning.cat([c, c[1]])
     assert isinstance(both, Masked) and both.mask.flatten().tolist() == [1.0, 2.0, 2.0]
     assert c[0].expand(3).mask.flatten().tolist() == [1.0, 1.0, 1.0]
@@ -125,16 +125,16 @@ def test_predict_eps_trace_matches_eager(tiny_backend):
     z = torch.randn(4, 4, 8, 8)
     t = torch.tensor([50, 300, 600, 900])
     cond = tiny_backend.encode_prompt(["a red circle"] * 4)
-    assert tiny_backend._unet_call.enabled  # the CPU default
+    assert tiny_backend._call_frozen.enabled  # the CPU default
     traced = tiny_backend.predict_eps(z, t, cond)
     eager = tiny_backend.unet(z, t, encoder_hidden_states=cond.embeds).sample
-    assert len(tiny_backend._unet_call) >= 1
+    assert len(tiny_backend._call_frozen) >= 1
     assert torch.allclose(traced, eager, atol=1e-6)
     # with gradients on, the eager module runs (a trace is for frozen, no-grad calls)
-    before = len(tiny_backend._unet_call)
+    before = len(tiny_backend._call_frozen)
     with torch.enable_grad():
-        tiny_backend._unet_call(tiny_backend.unet, z[:3], t[:3], cond[:3])
-    assert len(tiny_backend._unet_call) == before
+        tiny_backend._call_frozen(tiny_backend.unet, z[:3], t[:3], cond[:3])
+    assert len(tiny_backend._call_frozen) == before
 
 
 def test_predict_eps_converts_v_prediction(tiny_sd_v):
@@ -231,7 +231,7 @@ def test_eps_fn_of_a_copy_is_predict_eps(tiny_backend, tiny_sd_v, which):
     eps = model.predict_eps(z, t, cond)
     # atol: predict_eps runs the traced, row-split call on the CPU; eps_fn the eager module
     assert torch.allclose(model.eps_fn(copy)(z, t, cond), eps, atol=1e-5)
-    assert torch.equal(model.eps_fn(copy, call=model._unet_call)(z, t, cond), eps)
+    assert torch.equal(model.eps_fn(copy, call=model._call_frozen)(z, t, cond), eps)
     with torch.no_grad():
         for p in copy.parameters():
             p.mul_(0.5)

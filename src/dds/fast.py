@@ -38,11 +38,10 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.loop import EditConfig, check_diverged, draw_t_eps
-from dds.methods import get_method
+from dds.loop import EditConfig, check_diverged, uses_embedded_guidance
+from dds.methods import Draw, get_method
 from dds.models.base import Conditioning, expand_cond
 from dds.models.trace import TracedUNet
-from dds.score import sgd_step, timestep_weight
 
 _RECIPE = EditConfig()  # the reference recipe's settings
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,11 +62,12 @@ def _copy_cond(dst: Conditioning, src: Conditioning) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything the loop needs, on the device, for `steps` steps of B edits."""
+    """Every step's draws (`dds.methods.Draw`) for B edits, stacked, on the device."""
 
-    t: Tensor  # (S, B) long: each step's timesteps
-    eps: Tensor  # (S, B, C, h, w) float32
-    weight: Tensor  # (S, B, 1, 1, 1) float32, w(t)
+    t: Tensor  # (S, B) timesteps
+    eps: Tensor  # (S, B, C, h, w) float32 ((S, n_avg, B, C, h, w) for FlowEdit)
+    weight: Tensor  # (S, B) float32: w(t), or FlowEdit's step
+    phases: tuple[int, ...]  # (S,)
 
 
 class FastEditor:
@@ -115,8 +115,6 @@ class FastEditor:
         if self.channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         self.unet = unet
-        self.schedule = backend.schedule.to(self.device)
-        self._schedule_cpu = backend.schedule.to("cpu")  # for the up-front draws
         self._eps_fn = backend.eps_fn(unet, call=self._call)
 
         if compile == "auto":
@@ -132,7 +130,8 @@ class FastEditor:
         self.cuda_graphs = bool(cuda_graphs)
         if trace == "auto":
             trace = self.compile_mode is None and not on_cuda
-        self._traced = TracedUNet(enabled=bool(trace), parallel=parallel)
+        self._traced = TracedUNet(enabled=bool(trace), parallel=parallel,
+                                  eager=backend.denoiser_call)
         self._step = self._eager_step
         if self.compile_mode is not None:
             self._compiled = None  # built at the first call, so a failure can fall back
@@ -170,10 +169,11 @@ class FastEditor:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._traced(unet, x, t, cond)
 
-    def _eager_step(self, z, z_hat, cond, t, eps, weight, guidance, lr, scale, method):
-        """One step of the method; returns the new z.  z, z_hat, eps: (B,C,h,w)."""
-        g = method.grad(self._eps_fn, z, z_hat, cond, t, eps, self.schedule, guidance)
-        return sgd_step(z, weight * g, lr, scale)
+    def _eager_step(self, z, z_hat, cond, t, eps, weight, phase, method, schedule, cfg,
+                    embedded):
+        """One step of the method; returns the new z.  z, z_hat: (B,C,h,w)."""
+        d = Draw(t, eps, weight, phase)
+        return method.step(self._eps_fn, z, z_hat, cond, d, schedule, cfg, embedded)[0]
 
     def _run_step(self, *args):
         if self.compile_mode is not None and self._compiled is None:
@@ -196,21 +196,17 @@ class FastEditor:
         return self._eager_step(*args)
 
     # ---- the loop ----------------------------------------------------------------------
-    def _plan(self, seeds: list[int], shape: tuple[int, ...], cfg: EditConfig) -> _Plan:
+    def _plan(self, method, seeds: list[int], shape: tuple[int, ...], cfg: EditConfig,
+              schedule) -> _Plan:
         """All steps' draws, made on the CPU exactly as `edit_latents` makes them, then moved
         to the device in one go."""
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        ts, epss = [], []
-        for _ in range(cfg.steps):
-            t, eps = draw_t_eps(gens, shape, cfg)
-            ts.append(t)
-            epss.append(eps)
-        b = len(seeds)
-        t, eps = torch.stack(ts), torch.stack(epss)  # (S,B), (S,B,C,h,w); EditConfig: S >= 1
-        weight = timestep_weight(self._schedule_cpu, t, cfg.weight_a, cfg.weight_b)
+        draws = [method.draw(i, gens, shape, cfg, schedule) for i in range(method.num_steps(cfg))]
         dev = self.device
-        return _Plan(t=t.to(dev), eps=eps.to(dev),
-                     weight=weight.float().reshape(-1, b, 1, 1, 1).to(dev))
+        return _Plan(t=torch.stack([d.t for d in draws]).to(dev),
+                     eps=torch.stack([d.eps for d in draws]).to(dev),
+                     weight=torch.stack([d.weight for d in draws]).to(dev),
+                     phases=tuple(d.phase for d in draws))
 
     @torch.no_grad()
     def edit(
@@ -232,21 +228,24 @@ class FastEditor:
         method = get_method(cfg.method)
         z_hat = z_hat.detach().float().to(self.device).contiguous()
         shape = tuple(z_hat.shape[1:])
-        plan = self._plan(seeds, shape, cfg)
+        schedule = self.backend.schedule_for(z_hat.shape)
+        plan = self._plan(method, seeds, shape, cfg, schedule.to("cpu"))
 
         def prep(c):
             return expand_cond(c.to(self.device, self.dtype), b)
 
-        cond = method.conditioning(prep(self._uncond()), prep(cond_source), prep(cond_target))
-        lr, scale = cfg.lr, cfg.loss_scale / cfg.reference_area
-        z = self._loop(z_hat.clone(), z_hat, cond, plan, cfg, lr, scale, method)
-        check_diverged(z, cfg.steps)  # once, at the end: no host sync inside the loop
+        embedded = uses_embedded_guidance(self.backend, cfg)
+        cond = method.conditioning(prep(self._uncond()), prep(cond_source), prep(cond_target),
+                                   cfg, embedded)
+        run = (method, schedule.to(self.device), cfg, embedded)
+        z = self._loop(z_hat.clone(), z_hat, cond, plan, run)
+        check_diverged(z, len(plan.phases))  # once, at the end: no host sync inside the loop
         return z
 
-    def _loop(self, z, z_hat, cond, plan: _Plan, cfg: EditConfig, lr, scale, method):
-        if self.cuda_graphs:
+    def _loop(self, z, z_hat, cond, plan: _Plan, run):
+        if self.cuda_graphs and not any(plan.phases):  # one graph serves every step
             try:
-                return self._edit_graphed(z, z_hat, cond, plan, cfg.guidance, lr, scale, method)
+                return self._edit_graphed(z, z_hat, cond, plan, run)
             except Exception as e:  # capture refused by some op: the eager loop is still right
                 warnings.warn(
                     f"CUDA graph capture failed ({type(e).__name__}); running without graphs",
@@ -254,15 +253,16 @@ class FastEditor:
                 )
                 self.cuda_graphs = False
                 z = z_hat.clone()
-        for s in range(cfg.steps):
-            z = self._run_step(z, z_hat, cond, plan.t[s], plan.eps[s], plan.weight[s],
-                               cfg.guidance, lr, scale, method)
+        for s, phase in enumerate(plan.phases):
+            z = self._run_step(z, z_hat, cond, plan.t[s], plan.eps[s], plan.weight[s], phase,
+                               *run)
         return z
 
-    def _edit_graphed(self, z, z_hat, cond, plan: _Plan, guidance, lr, scale, method):
+    def _edit_graphed(self, z, z_hat, cond, plan: _Plan, run):
         """The loop as one captured CUDA graph of a step, replayed once per step; each step's
         draws are copied into the graph's input buffers on the device (no host sync)."""
-        key = (tuple(z.shape), len(cond), method.name, float(guidance), float(lr), float(scale))
+        method, _, cfg, embedded = run
+        key = (tuple(z.shape), tuple(plan.eps.shape[1:]), len(cond), method.name, cfg, embedded)
         g = self._graphs.get(key)
         if g is None:
             st = {
@@ -276,7 +276,7 @@ class FastEditor:
 
             def step():
                 return self._run_step(st["z"], st["z_hat"], st["cond"], st["t"], st["eps"],
-                                      st["weight"], guidance, lr, scale, method)
+                                      st["weight"], 0, *run)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -1,4 +1,5 @@
-"""Zero-shot editing (paper Section 3): optimise the target latent with DDS or SDS.
+"""Zero-shot editing (paper Section 3): optimise the target latent with DDS or SDS, or run
+FlowEdit (`dds.methods`), from one loop.
 
 Step size.  The reference surrogate is `2000 * sum(z * grad) / (h * w)` with SGD at lr 0.1, so
 each latent element moves by lr * 2000 / (h * w) * grad: 0.0488 * grad for SD's 64x64 latent
@@ -20,9 +21,8 @@ import torch
 from torch import Tensor
 
 from dds.errors import DivergedError, SettingError
-from dds.methods import METHODS, get_method
+from dds.methods import METHODS, Draw, draw_t_eps, get_method  # noqa: F401  (draw_t_eps: re-export)
 from dds.models.base import expand_cond
-from dds.score import sgd_step, timestep_weight
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ LIMITS = {
     "guidance": (0.0, 100.0),
     "lr": (1e-6, 10.0),
     "seed": (0, 2**32 - 1),
+    "source_guidance": (0.0, 100.0),
+    "n_max": (1, 5000),
+    "n_min": (0, 5000),
+    "n_avg": (1, 64),
 }
 # Latents of every supported model stay within a few units; far beyond this the edit diverged.
 DIVERGED_ABS = 1e4
@@ -93,6 +97,16 @@ class EditConfig:
     weight_a: float = 0.0  # w(t) = alpha_t^a sigma_t^b
     weight_b: float = 0.0
     seed: int = 0
+    # Guidance of the source branch (DDS, FlowEdit); None: the same as `guidance`.
+    source_guidance: float | None = None
+    # FlowEdit: of `steps` descending timesteps run the last n_max (None: all), the last n_min
+    # of those sampling the target alone, each averaging n_avg noise draws.
+    n_max: int | None = None
+    n_min: int = 0
+    n_avg: int = 1
+    # Guidance-distilled models (FLUX.1-dev): classifier-free guidance with an unconditional
+    # branch (twice the model calls) instead of the model's guidance input.
+    true_cfg: bool = False
 
     def __post_init__(self):
         def bad(name, why):
@@ -105,9 +119,18 @@ class EditConfig:
             bad("steps", "it must be a whole number (an int)")
         check_range("guidance", self.guidance)
         check_range("lr", self.lr)
-        check_range("seed", self.seed, integer=True)
-        if not isinstance(self.seed, int):
-            bad("seed", "it must be a whole number (an int)")
+        for name in ("seed", "n_min", "n_avg") + (("n_max",) if self.n_max is not None else ()):
+            check_range(name, getattr(self, name), integer=True)
+            if not isinstance(getattr(self, name), int):
+                bad(name, "it must be a whole number (an int)")
+        if self.source_guidance is not None:
+            check_range("source_guidance", self.source_guidance)
+        if self.n_max is not None and self.n_max > self.steps:
+            bad("n_max", f"it must be at most steps ({self.steps})")
+        if self.n_min > (self.steps if self.n_max is None else self.n_max):
+            bad("n_min", "it must be at most n_max (or steps)")
+        if not isinstance(self.true_cfg, bool):
+            bad("true_cfg", "it must be true or false")
         for name in ("loss_scale", "weight_a", "weight_b"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -136,14 +159,6 @@ class EditConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg: EditConfig):
-    """One t and one eps per edit, each from that edit's own generator (so a batch of edits
-    equals the same edits run one by one).  Drawn on the CPU: identical on every device."""
-    t = torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
-    eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    return t, eps  # (B,), (B,C,h,w)
-
-
 def check_diverged(z: Tensor, step: int) -> None:
     """DivergedError when z holds a NaN, an infinity or an exploding value (one device read)."""
     if not bool(torch.isfinite(z).all() & (z.abs().amax() < DIVERGED_ABS)):
@@ -163,37 +178,45 @@ def edit_latents(
     stop: StopSignal | None = None,
     seeds: list[int] | None = None,
 ) -> Tensor:
-    """Optimise z (initialised at z_hat) with the configured method; returns the edited latents.
+    """Edit z (initialised at z_hat) with the configured method; returns the edited latents.
 
     z_hat: (B,C,h,w); cond_source, cond_target: conditionings of B rows (or 1, broadcast).
-    Edit i uses generator seed `seeds[i]` (default cfg.seed + i).  The loop mirrors the
-    reference: SGD on z with loss = loss_scale * <z, w(t) grad> / area (`dds.score.sgd_step`).
-    `on_step` sees every step; `stop.is_set()` ends the loop after the current step.
+    Edit i uses generator seed `seeds[i]` (default cfg.seed + i).  For DDS and SDS the loop
+    mirrors the reference: SGD on z with loss = loss_scale * <z, w(t) grad> / area
+    (`dds.score.sgd_step`).  `on_step` sees every step; `stop.is_set()` ends the loop after
+    the current step.
     """
     device = model.device
     b = z_hat.shape[0]
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(b)]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     method = get_method(cfg.method)
-    schedule = model.schedule
     z = z_hat.detach().float().to(device)
+    schedule, shape = model.schedule_for(z.shape), tuple(z.shape[1:])
     z_hat = z.clone()
+    embedded = uses_embedded_guidance(model, cfg)
     cond = method.conditioning(expand_cond(model.uncond(), b), expand_cond(cond_source, b),
-                               expand_cond(cond_target, b))
-    scale = cfg.loss_scale / cfg.reference_area
+                               expand_cond(cond_target, b), cfg, embedded)
     every = DIVERGENCE_CHECK_EVERY.get(z.device.type, DIVERGENCE_CHECK_EVERY["default"])
+    total = method.num_steps(cfg)
     with torch.no_grad():
-        for step in range(cfg.steps):
-            t, eps = draw_t_eps(gens, tuple(z.shape[1:]), cfg)
-            t, eps = t.to(device), eps.to(device)
-            g = method.grad(model.predict_eps, z, z_hat, cond, t, eps, schedule, cfg.guidance)
-            w = timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).view(-1, 1, 1, 1)
-            g = w * g  # (B,C,h,w)
-            z = sgd_step(z, g, cfg.lr, scale)
-            if (step + 1) % every == 0 or step + 1 == cfg.steps:
+        for step in range(total):
+            d = to_device(method.draw(step, gens, shape, cfg, schedule), device)
+            z, g = method.step(model.predict_eps, z, z_hat, cond, d, schedule, cfg, embedded)
+            if (step + 1) % every == 0 or step + 1 == total:
                 check_diverged(z, step + 1)
             if on_step is not None:
-                on_step(StepInfo(step + 1, cfg.steps, z, g.flatten(1).norm(dim=1)))
+                on_step(StepInfo(step + 1, total, z, g.flatten(1).norm(dim=1)))
             if stop is not None and stop.is_set():
                 break
     return z
+
+
+def uses_embedded_guidance(model, cfg: EditConfig) -> bool:
+    """Guidance as the model's input (FLUX.1-dev), unless true classifier-free guidance is
+    asked for."""
+    return bool(getattr(model, "guidance_embedded", False)) and not cfg.true_cfg
+
+
+def to_device(d: Draw, device) -> Draw:
+    return replace(d, t=d.t.to(device), eps=d.eps.to(device), weight=d.weight.to(device))

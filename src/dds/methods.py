@@ -1,99 +1,261 @@
-"""Guidance methods: what turns a model's noise predictions into a gradient on the latent.
+"""Editing methods: what turns a model's noise predictions into the next edited latent.
 
 A method is a small class behind one interface, used by every loop in dds: the zero-shot editor
 (`dds.loop`), the fast path (`dds.fast`, which only batches, traces and compiles the model call),
 the translation trainer and the evaluations.  Its arithmetic is the pure functions of
-`dds.score`, in three pieces:
+`dds.score`.  Every loop runs it the same way:
 
-    cond = method.conditioning(uncond, source, target)   # the model batch's conditioning, once
-    x, tt = method.inputs(z, z_hat, eps, t, schedule)    # the model batch at this step
-    grad = method.combine(eps_fn(x, tt, cond), eps, guidance)
+    cond = method.conditioning(uncond, source, target, cfg, embedded)  # once per edit
+    for i in range(method.num_steps(cfg)):
+        draw = method.draw(i, generators, shape, cfg, schedule)        # t, noise, step size
+        z, g = method.step(eps_fn, z, z_hat, cond, draw, schedule, cfg, embedded)
 
-`method.grad(...)` chains the three.  A new method (FlowEdit, masked DDS, CDS, PDS) is one more
-class here and one line in `METHODS`.
+`embedded` is True for a guidance-distilled model (FLUX.1-dev) run without true classifier-free
+guidance: the guidance scale is then an input of the model, not a second branch.
+
+* `DDS` and `SDS` are score-distillation methods: each step draws a random t and noise and
+  takes an SGD step on the latent along the score (`grad`); the trainer uses `grad` alone.
+* `FlowEdit` (Kulikov et al. 2025) integrates an ODE from the source over a descending schedule
+  with noise coupled between source and target; no optimiser, no inversion.  It runs on flow
+  models (SD3, FLUX) as published and on any other model written as a flow
+  (`dds.score.eps_to_velocity`).
+
+A new method (masked DDS, CDS, PDS) is one more class here and one line in `METHODS`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.models.base import EpsFn, cat_cond
-from dds.score import dds_combine, dds_inputs, sds_combine, sds_inputs
+from dds.models.base import Conditioning, EpsFn
+from dds.score import (
+    dds_combine,
+    dds_inputs,
+    eps_to_velocity,
+    flowedit_inputs,
+    flowedit_velocity,
+    guided_conditioning,
+    guided_inputs,
+    guided_outputs,
+    sds_combine,
+    sds_inputs,
+    sgd_step,
+    timestep_weight,
+)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One step's draws for B edits, made on the CPU from each edit's own generator.
+
+    t: (B,) model timesteps.  eps: (B,C,h,w) noise ((n_avg,B,C,h,w) for FlowEdit).
+    weight: (B,) float32: w(t) for score distillation; the Euler step s_next - s for FlowEdit.
+    phase: 0 for an editing step; FlowEdit's last n_min steps sample the target (1: the first).
+    """
+
+    t: Tensor
+    eps: Tensor
+    weight: Tensor
+    phase: int = 0
+
+
+def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg):
+    """One noise-level index and one eps per edit, each from that edit's own generator (so a
+    batch of edits equals the same edits run one by one).  Drawn on the CPU: identical on
+    every device.  -> (B,) long indices in [t_min, t_max - 1), (B,C,h,w)."""
+    t = torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
+    eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return t, eps
+
+
+def guidances(cfg) -> list[float]:
+    """[source, target] guidance scales: the source's is the target's unless set apart."""
+    w_src = cfg.guidance if cfg.source_guidance is None else cfg.source_guidance
+    return [w_src, cfg.guidance]
 
 
 class Method(Protocol):
     name: str
-    uses_source: bool  # does the gradient read the source image and caption?
-    rows: int  # model rows per edit in one step
+    uses_source: bool  # does the edit read the source image and caption?
+    gradient: bool  # a score-distillation gradient (usable by the translation trainer)?
+    rows: int  # model rows per edit in one step, with classifier-free guidance
+    defaults: dict  # EditConfig settings this method needs other than the reference recipe's
 
-    def conditioning(self, uncond, source, target): ...
+    def num_steps(self, cfg) -> int: ...
 
-    def inputs(self, z: Tensor, z_hat: Tensor, eps: Tensor, t: Tensor,
-               schedule) -> tuple[Tensor, Tensor]: ...
+    def conditioning(self, uncond, source, target, cfg=None, embedded: bool = False): ...
 
-    def combine(self, e: Tensor, eps: Tensor, guidance: float) -> Tensor: ...
+    def draw(self, i: int, gens: list[torch.Generator], shape: tuple[int, ...], cfg,
+             schedule) -> Draw: ...
 
-    def grad(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, t: Tensor, eps: Tensor,
-             schedule, guidance: float) -> Tensor: ...
+    def step(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, d: Draw, schedule, cfg,
+             embedded: bool = False) -> tuple[Tensor, Tensor]: ...
 
 
-class _Base:
+class _ScoreDistillation:
+    """SGD on the latent along a score: each step draws t and eps at random."""
+
     name = ""
     uses_source = False
+    gradient = True
     rows = 0
+    defaults: dict = {}
+
+    def num_steps(self, cfg) -> int:
+        return cfg.steps
+
+    def draw(self, i, gens, shape, cfg, schedule) -> Draw:
+        index, eps = draw_t_eps(gens, shape, cfg)
+        t = schedule.timestep(index)
+        return Draw(t, eps, timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).float())
+
+    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False):
+        """z - lr * scale * w(t) grad (`dds.score.sgd_step`); returns (z, w(t) grad)."""
+        g = self.grad(eps_fn, z, z_hat, cond, d.t, d.eps, schedule, cfg.guidance,
+                      cfg.source_guidance, embedded)
+        g = d.weight.view(-1, *([1] * (g.ndim - 1))) * g
+        return sgd_step(z, g, cfg.lr, cfg.loss_scale / cfg.reference_area), g
 
     def grad(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, t: Tensor, eps: Tensor,
-             schedule, guidance: float) -> Tensor:
+             schedule, guidance: float, source_guidance: float | None = None,
+             embedded: bool = False) -> Tensor:
         """The gradient on z (B,C,h,w); `cond` is `self.conditioning(...)` for these B edits."""
         t = t.expand(z.shape[0]) if t.ndim == 0 else t
-        x, tt = self.inputs(z, z_hat, eps, t, schedule)
-        return self.combine(eps_fn(x, tt, cond), eps, guidance)
+        x, tt = self.inputs(z, z_hat, eps, t, schedule, embedded)
+        return self.combine(eps_fn(x, tt, cond), eps, guidance, source_guidance, embedded)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-class SDS(_Base):
+class SDS(_ScoreDistillation):
     """Score Distillation Sampling (DreamFusion; the paper's Eq. 1): eps^w(z_t, y, t) - eps."""
 
     name = "sds"
     rows = 2
 
-    def conditioning(self, uncond, source, target):
-        return cat_cond([uncond, target])
+    def conditioning(self, uncond, source, target, cfg=None, embedded=False):
+        return guided_conditioning(uncond, [target], [cfg.guidance if cfg else None], embedded)
 
-    def inputs(self, z, z_hat, eps, t, schedule):
-        return sds_inputs(z, eps, t, schedule)
+    def inputs(self, z, z_hat, eps, t, schedule, embedded=False):
+        return sds_inputs(z, eps, t, schedule, embedded)
 
-    def combine(self, e, eps, guidance):
-        return sds_combine(e, eps, guidance)
+    def combine(self, e, eps, guidance, source_guidance=None, embedded=False):
+        return sds_combine(e, eps, guidance, embedded)
 
 
-class DDS(_Base):
-    """Delta Denoising Score (Eq. 3): eps^w(z_t, y, t) - eps^w(zhat_t, yhat, t), shared t, eps."""
+class DDS(_ScoreDistillation):
+    """Delta Denoising Score (Eq. 3): eps^w(z_t, y, t) - eps^w(zhat_t, yhat, t), shared t, eps.
+
+    On a flow model (eps = z_t + (1 - s) v from the model) this is the flow-matching DDS,
+    (1 - s) [(v_tgt - v_src) + (z - zhat)] (`dds.score.flow_dds_grad`)."""
 
     name = "dds"
     uses_source = True
     rows = 4
 
-    def conditioning(self, uncond, source, target):
-        return cat_cond([uncond, uncond, source, target])
+    def conditioning(self, uncond, source, target, cfg=None, embedded=False):
+        ws = guidances(cfg) if cfg is not None else [None, None]
+        return guided_conditioning(uncond, [source, target], ws, embedded)
 
-    def inputs(self, z, z_hat, eps, t, schedule):
-        return dds_inputs(z, z_hat, eps, t, schedule)
+    def inputs(self, z, z_hat, eps, t, schedule, embedded=False):
+        return dds_inputs(z, z_hat, eps, t, schedule, embedded)
 
-    def combine(self, e, eps, guidance):
-        return dds_combine(e, guidance)
+    def combine(self, e, eps, guidance, source_guidance=None, embedded=False):
+        return dds_combine(e, guidance, source_guidance, embedded)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (DDS(), SDS())}
+def _target_rows(cond, b: int, embedded: bool):
+    """The target half of a [source, target] guided conditioning of B edits."""
+    if embedded:
+        return cond[b:2 * b]
+    return Conditioning.cat([cond[b:2 * b], cond[3 * b:4 * b]]) if isinstance(
+        cond, Conditioning) else torch.cat([cond[b:2 * b], cond[3 * b:4 * b]])
+
+
+class FlowEdit:
+    """FlowEdit (Kulikov, Kleiner, Huberman-Spiegelglas, Michaeli 2025): from z = the source,
+
+        for the last n_max of T descending timesteps t_i (noise level s_i):
+            V = mean over n_avg noises eps of  v(z + zt_src - x_src, y_tgt) - v(zt_src, y_src),
+                zt_src = (1 - s_i) x_src + s_i eps
+            z = z + (s_{i+1} - s_i) V
+
+    with source and target guidance apart (`source_guidance`, `guidance`); the last n_min steps
+    instead noise the edit once and sample the target alone.  `steps` is T; `n_max` (default T)
+    how many of them run.  The published settings per family are the models' defaults."""
+
+    name = "flowedit"
+    uses_source = True
+    gradient = False
+    rows = 4
+    # SD3's published settings (T=50, n_max=33, cfg_src 3.5, cfg_tgt 13.5): for families with
+    # none of their own, whose classifier-free guidance works on the same scale.
+    defaults = {"steps": 50, "n_max": 33, "guidance": 13.5, "source_guidance": 3.5}
+
+    def num_steps(self, cfg) -> int:
+        return cfg.n_max if cfg.n_max is not None else cfg.steps
+
+    def conditioning(self, uncond, source, target, cfg=None, embedded=False):
+        return guided_conditioning(uncond, [source, target], guidances(cfg), embedded)
+
+    def draw(self, i, gens, shape, cfg, schedule) -> Draw:
+        big_t, n_min = cfg.steps, cfg.n_min
+        j = big_t - self.num_steps(cfg) + i  # index into the T-step schedule
+        ts = schedule.sampling_timesteps(big_t)
+        s = schedule.flow_time(ts[j])
+        s_next = schedule.flow_time(ts[j + 1]) if j + 1 < big_t else torch.zeros_like(s)
+        eps = torch.stack([torch.stack([torch.randn(shape, generator=g) for g in gens])
+                           for _ in range(cfg.n_avg)])  # (n_avg, B, C, h, w)
+        phase = 0 if big_t - j > n_min else (1 if j == big_t - n_min else 2)
+        b = len(gens)
+        return Draw(ts[j].expand(b), eps, (s_next - s).float().expand(b), phase)
+
+    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False):
+        """One Euler step; returns (z, the direction V)."""
+        if d.phase:
+            return self._sample(eps_fn, z, z_hat, cond, d, schedule, cfg, embedded)
+        ws = guidances(cfg)
+        rows = 2 if embedded else 4
+        v = 0
+        for eps in d.eps:
+            zt_src, zt_tgt = flowedit_inputs(z, z_hat, eps, d.t, schedule)
+            e = eps_fn(guided_inputs([zt_src, zt_tgt], embedded), d.t.repeat(rows), cond)
+            e_src, e_tgt = guided_outputs(e, ws, embedded)
+            v = v + (1 / len(d.eps)) * flowedit_velocity(e_src, e_tgt, zt_src, zt_tgt, d.t,
+                                                         schedule)
+        return z + _per_edit(d.weight, z) * v, v
+
+    def _sample(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded):
+        """The last n_min steps: the target alone, from the edit noised once (phase 1)."""
+        b = z.shape[0]
+        c = _per_edit(schedule.flow_scale(d.t).to(z.dtype), z)
+        if d.phase == 1:  # z is the edit: carry it to noise level s with the source's noise
+            z = flowedit_inputs(z, z_hat, d.eps[0], d.t, schedule)[1] / c
+        x = c * z  # the model's input; z is kept as a flow, (1 - s) z0 + s eps
+        e = eps_fn(guided_inputs([x], embedded), d.t.repeat(1 if embedded else 2),
+                   _target_rows(cond, b, embedded))
+        (e_tgt,) = guided_outputs(e, [cfg.guidance], embedded)
+        v = eps_to_velocity(e_tgt, x, d.t, schedule)
+        return z + _per_edit(d.weight, z) * v, v
+
+
+def _per_edit(x: Tensor, like: Tensor) -> Tensor:
+    return x.view(-1, *([1] * (like.ndim - 1)))
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (DDS(), SDS(), FlowEdit())}
+# The methods that give a gradient on an image (what the translation network trains with).
+SCORES = {name: m for name, m in METHODS.items() if m.gradient}
 
 
 def get_method(method) -> Method:
-    """A method by name ('dds', 'sds'), or the method itself."""
+    """A method by name ('dds', 'sds', 'flowedit'), or the method itself."""
     if not isinstance(method, str):
         return method
     try:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dds.models.base import expand_cond
+from dds.models.base import expand_cond, spaced_timesteps
 from dds.score import guided_eps
 
 
 def ddim_timesteps(steps: int, t_start: int = 999, n_train: int = 1000) -> list[int]:
     """`steps` descending integer timesteps, evenly spaced, starting at most at `t_start`."""
-    stride = n_train / steps
-    ts = sorted({min(int(round(i * stride)) + 1, n_train - 1) for i in range(steps)}, reverse=True)
-    return [t for t in ts if t <= t_start] or [max(1, min(t_start, n_train - 1))]
+    return spaced_timesteps(steps, t_start, n_train)
 
 
 def _x0_and_eps(model, z_t, t, cond_u, cond, w):

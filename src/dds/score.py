@@ -22,8 +22,10 @@ from torch import Tensor
 
 from dds.models.base import EpsFn, as_schedule, cat_cond
 
-__all__ = ["EpsFn", "alpha_sigma", "cfg", "dds_combine", "dds_grad", "dds_inputs", "grad_to_loss",
-           "guided_eps", "guided_eps_captions", "noise_input", "sds_combine", "sds_grad",
+__all__ = ["EpsFn", "alpha_sigma", "cfg", "dds_combine", "dds_grad", "dds_inputs", "eps_to_velocity",
+           "flow_dds_grad", "flow_v_to_eps", "flowedit_inputs", "flowedit_velocity",
+           "grad_to_loss", "guided_conditioning", "guided_eps", "guided_eps_captions",
+           "guided_inputs", "guided_outputs", "noise_input", "sds_combine", "sds_grad",
            "sds_inputs", "sgd_step", "timestep_weight", "v_to_eps"]
 
 
@@ -60,6 +62,37 @@ def v_to_eps(v: Tensor, z_t: Tensor, t: Tensor, schedule) -> Tensor:
     return alpha * v + sigma * z_t
 
 
+def flow_v_to_eps(v: Tensor, z_t: Tensor, t: Tensor, schedule) -> Tensor:
+    """A rectified flow's velocity v = eps - z as eps: eps = z_t + (1 - s) v (SD3, FLUX).
+
+    With z_t = (1 - s) z + s eps, z_t + (1 - s)(eps - z) = eps; here 1 - s is alpha_t.
+    """
+    alpha, _ = alpha_sigma(schedule, t)
+    return z_t + _per_sample(alpha.to(v.dtype), v.ndim) * v
+
+
+def eps_to_velocity(eps: Tensor, z_t: Tensor, t: Tensor, schedule) -> Tensor:
+    """The rectified-flow velocity of an eps prediction at z_t, for any schedule.
+
+    Written as a flow (x_s = z_t / c, c = alpha_t + sigma_t, s = sigma_t / c), the model's
+    velocity is v = eps - z0_hat = (c eps - z_t) / alpha_t; for a flow schedule (c = 1) that
+    is (eps - z_t) / (1 - s), the inverse of `flow_v_to_eps`.
+    """
+    sched = as_schedule(schedule)
+    alpha, _ = sched.alpha_sigma(t)
+    c = _per_sample(sched.flow_scale(t).to(eps.dtype), eps.ndim)
+    return (c * eps - z_t) / _per_sample(alpha.to(eps.dtype), eps.ndim)
+
+
+def flow_dds_grad(v_tgt: Tensor, v_src: Tensor, z: Tensor, z_hat: Tensor, s: Tensor) -> Tensor:
+    """DDS on a velocity model, in velocities: (1 - s) [(v_tgt - v_src) + (z - z_hat)].
+
+    This is eps_hat(z_t, y) - eps_hat(zhat_t, yhat) for z_t, zhat_t noised with the same s and
+    eps (`../docs/models.md`); the (z - z_hat) term is what a port that treats v as eps drops.
+    """
+    return _per_sample(1 - s, z.ndim) * ((v_tgt - v_src) + (z - z_hat))
+
+
 def timestep_weight(schedule, t: Tensor, a: float = 0.0, b: float = 0.0) -> Tensor:
     """w(t) = alpha_t^a sigma_t^b; the reference uses a = b = 0, i.e. w(t) = 1.  Returns (B,)."""
     alpha, sigma = alpha_sigma(schedule, t)
@@ -87,19 +120,47 @@ def guided_eps_captions(
     return [cfg(eps[0], e, w) for e in eps[1:]]
 
 
+# Guidance over several predictions at once.  A method asks for k guided predictions (DDS:
+# target at z_t and source at zhat_t; FlowEdit: the same at its own inputs).  With classifier-
+# free guidance the model batch is [uncond x k, cond_1..cond_k] on [x_1..x_k, x_1..x_k] (so DDS
+# is [src-uncond, tgt-uncond, src-cond, tgt-cond], as the reference batches it); a guidance-
+# distilled model (FLUX.1-dev) takes each scale as an input instead: [cond_i(w_i)] on [x_i].
+def guided_conditioning(uncond, conds: list, ws: list[float], embedded: bool = False):
+    """The model batch's conditioning for k guided predictions (built once per edit)."""
+    if embedded:
+        return cat_cond([c.with_guidance(w) for c, w in zip(conds, ws, strict=True)])
+    return cat_cond([uncond] * len(conds) + list(conds))
+
+
+def guided_inputs(xs: list[Tensor], embedded: bool = False) -> Tensor:
+    """The model batch's latents for k guided predictions at xs[i]."""
+    return torch.cat(xs if embedded else xs + xs)
+
+
+def guided_outputs(e: Tensor, ws: list[float], embedded: bool = False) -> list[Tensor]:
+    """The k guided predictions from the model's output on `guided_inputs`."""
+    k = len(ws)
+    parts = e.split(e.shape[0] // (k if embedded else 2 * k))
+    if embedded:
+        return list(parts)
+    return [cfg(parts[i], parts[k + i], w) for i, w in enumerate(ws)]
+
+
 # Each score is three pieces, so that a loop that batches, traces or compiles the model call
 # (dds.fast) reuses the same arithmetic: the model's inputs, its conditioning (built once per
 # edit), and the combination of its outputs into the gradient.
-def sds_inputs(z: Tensor, eps: Tensor, t: Tensor, schedule) -> tuple[Tensor, Tensor]:
-    """SDS's model batch [uncond, cond] of z_t, and its timesteps.  -> (2B,C,h,w), (2B,)."""
+def sds_inputs(z: Tensor, eps: Tensor, t: Tensor, schedule,
+               embedded: bool = False) -> tuple[Tensor, Tensor]:
+    """SDS's model batch [uncond, cond] of z_t, and its timesteps.  -> (2B,C,h,w), (2B,)
+    (one row per edit, (B,...), for a guidance-distilled model)."""
     z_t = noise_input(z, eps, t, schedule)
-    return torch.cat([z_t, z_t]), t.repeat(2)
+    return guided_inputs([z_t], embedded), t.repeat(1 if embedded else 2)
 
 
-def sds_combine(e: Tensor, eps: Tensor, guidance: float) -> Tensor:
+def sds_combine(e: Tensor, eps: Tensor, guidance: float, embedded: bool = False) -> Tensor:
     """SDS gradient from the model's output on `sds_inputs`: eps^w(z_t, y, t) - eps."""
-    n = eps.shape[0]
-    return cfg(e[:n], e[n:], guidance) - eps
+    (tgt,) = guided_outputs(e, [guidance], embedded)
+    return tgt - eps
 
 
 def sds_grad(
@@ -118,18 +179,23 @@ def sds_grad(
     return sds_combine(eps_fn(x, tt, cat_cond([emb_uncond, emb_cond])), eps, guidance)
 
 
-def dds_inputs(z: Tensor, z_hat: Tensor, eps: Tensor, t: Tensor, schedule):
+def dds_inputs(z: Tensor, z_hat: Tensor, eps: Tensor, t: Tensor, schedule,
+               embedded: bool = False):
     """DDS's model batch [source-uncond, target-uncond, source-cond, target-cond]: the target
-    z_t and the source zhat_t under the same t and eps.  -> (4B,C,h,w), (4B,)."""
+    z_t and the source zhat_t under the same t and eps.  -> (4B,C,h,w), (4B,)  ([source,
+    target], (2B,...), for a guidance-distilled model)."""
     z_t = noise_input(z, eps, t, schedule)  # (B,C,h,w)
     zhat_t = noise_input(z_hat, eps, t, schedule)  # same eps, same t
-    return torch.cat([zhat_t, z_t, zhat_t, z_t]), t.repeat(4)
+    return guided_inputs([zhat_t, z_t], embedded), t.repeat(2 if embedded else 4)
 
 
-def dds_combine(e: Tensor, guidance: float) -> Tensor:
-    """DDS gradient from the model's output on `dds_inputs`: eps^w(z_t, y) - eps^w(zhat_t, yhat)."""
-    e_src_u, e_tgt_u, e_src_c, e_tgt_c = e.split(e.shape[0] // 4)
-    return cfg(e_tgt_u, e_tgt_c, guidance) - cfg(e_src_u, e_src_c, guidance)
+def dds_combine(e: Tensor, guidance: float, source_guidance: float | None = None,
+                embedded: bool = False) -> Tensor:
+    """DDS gradient from the model's output on `dds_inputs`: eps^w(z_t, y) - eps^w(zhat_t, yhat)
+    (the source branch at `source_guidance` when given; the paper uses one w for both)."""
+    w_src = guidance if source_guidance is None else source_guidance
+    src, tgt = guided_outputs(e, [w_src, guidance], embedded)
+    return tgt - src
 
 
 def dds_grad(
@@ -153,6 +219,22 @@ def dds_grad(
     x, tt = dds_inputs(z, z_hat, eps, t, schedule)  # (4B,C,h,w)
     cond = cat_cond([emb_uncond, emb_uncond, emb_source, emb_target])  # 4B rows
     return dds_combine(eps_fn(x, tt, cond), guidance)
+
+
+def flowedit_inputs(z: Tensor, x_src: Tensor, eps: Tensor, t: Tensor, schedule):
+    """FlowEdit's two model inputs at t (Kulikov et al. 2025): the source noised with eps,
+    zt_src = (1 - s) x_src + s eps, and the edit carried by the same noise, zt_tgt = z + zt_src
+    - x_src (in the flow coordinate z_t / (alpha_t + sigma_t) for a non-flow schedule)."""
+    zt_src = noise_input(x_src, eps, t, schedule)
+    c = _per_sample(as_schedule(schedule).flow_scale(t).to(z.dtype), z.ndim)
+    return zt_src, c * z + zt_src - c * x_src
+
+
+def flowedit_velocity(e_src: Tensor, e_tgt: Tensor, zt_src: Tensor, zt_tgt: Tensor, t: Tensor,
+                      schedule) -> Tensor:
+    """FlowEdit's direction V = v(zt_tgt, y_tgt) - v(zt_src, y_src) from guided eps predictions."""
+    return (eps_to_velocity(e_tgt, zt_tgt, t, schedule)
+            - eps_to_velocity(e_src, zt_src, t, schedule))
 
 
 def grad_to_loss(z: Tensor, grad: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Which family a model folder belongs to, and one loaded model per (folder, precision, device).
 
 A family is registered by a name, a test on the folder and a loader; `load_model` picks the
-first family whose test accepts the folder.  Stable Diffusion 1.x/2.x is the only family today;
-SDXL, SD3 and FLUX each add one file in `dds.models` and one line here.
+first family whose test accepts the folder (read from its model_index.json).  Each family is one
+file in `dds.models` and one line in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -34,26 +34,42 @@ class Family:
     load: Callable[..., object]  # (folder, dtype=, device=, label=) -> Model
 
 
-def _sd_accepts(root: Path) -> bool:
-    index = root / "model_index.json"
-    if not index.is_file():
-        return True  # let the loader say which part is missing
+def pipeline_class(root: Path) -> str:
+    """The `_class_name` in a folder's model_index.json ("" when absent or unreadable)."""
     import json
 
     try:
-        cls = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        return True
-    return cls in ("", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+        return str(json.loads((root / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
-def _sd_load(root, **kw):
-    from dds.models.stable_diffusion import StableDiffusionModel
-
-    return StableDiffusionModel(root, **kw)
+def _by_class(*names: str) -> Callable[[Path], bool]:
+    return lambda root: pipeline_class(root) in names
 
 
-FAMILIES: list[Family] = [Family("stable-diffusion", _sd_accepts, _sd_load)]
+def _loader(module: str, cls: str) -> Callable[..., object]:
+    def load(root, **kw):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(root, **kw)
+
+    return load
+
+
+# A folder without model_index.json (or with an unreadable one) is tried as Stable Diffusion,
+# whose loader then says which part is missing.
+FAMILIES: list[Family] = [
+    Family("stable-diffusion",
+           _by_class("", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+           _loader("dds.models.stable_diffusion", "StableDiffusionModel")),
+    Family("sdxl", _by_class("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+           _loader("dds.models.sdxl", "SDXLModel")),
+    Family("sd3", _by_class("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+           _loader("dds.models.sd3", "SD3Model")),
+    Family("flux", _by_class("FluxPipeline", "FluxImg2ImgPipeline"),
+           _loader("dds.models.flux", "FluxModel")),
+]
 
 
 def load_model(model: str | Path | None = None, dtype: str = "auto",
@@ -66,8 +82,9 @@ def load_model(model: str | Path | None = None, dtype: str = "auto",
     for fam in FAMILIES:
         if fam.accepts(root):
             return fam.load(root, dtype=dtype, device=device, label=label)
-    raise DDSError(f"model folder '{root}' is not of a supported family "
-                   f"({', '.join(f.name for f in FAMILIES)})")
+    raise DDSError(
+        f"model folder '{root}' holds a {pipeline_class(root)}, which dds does not edit with; "
+        "give a Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 folder")
 
 
 def load_autoencoder(model: str | Path | None = None, device="cpu"):

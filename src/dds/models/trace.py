@@ -27,6 +27,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor
@@ -34,26 +35,35 @@ from torch import Tensor
 from dds.models.base import Conditioning
 
 
-def _eager(unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-    return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+def _sd_eager(unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    """A Stable Diffusion UNet's call: token embeddings through cross attention."""
+    return unet(x, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
 
 
-class _UNetCall(torch.nn.Module):
-    """unet(x, t, emb) -> the prediction as one tensor: the module that gets traced."""
+def _flat(cond: Conditioning) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """The tensor fields of a conditioning, by name (what a trace takes as inputs)."""
+    names = tuple(f.name for f in fields(cond) if isinstance(getattr(cond, f.name), Tensor))
+    return names, tuple(getattr(cond, n) for n in names)
 
-    def __init__(self, unet):
+
+class _DenoiserCall(torch.nn.Module):
+    """eager(module, x, t, cond) with the conditioning's tensors as plain inputs: the module
+    that gets traced (a trace takes tensors, not dataclasses)."""
+
+    def __init__(self, module, eager, template: Conditioning, names: tuple[str, ...]):
         super().__init__()
-        self.unet = unet
+        self.module, self.eager, self.template, self.names = module, eager, template, names
 
-    def forward(self, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        return _eager(self.unet, x, t, emb)
+    def forward(self, x: Tensor, t: Tensor, *parts: Tensor) -> Tensor:
+        cond = replace(self.template, **dict(zip(self.names, parts, strict=True)))
+        return self.eager(self.module, x, t, cond)
 
 
-def unet_call_for(device, trace="auto") -> TracedUNet:
-    """A frozen model's UNet call on `device`: traced (and row-split) when `trace` is True, or
-    when it is "auto" and the device is the CPU."""
+def unet_call_for(device, trace="auto", eager=_sd_eager) -> TracedUNet:
+    """A frozen model's denoiser call on `device`: traced (and row-split) when `trace` is True,
+    or when it is "auto" and the device is the CPU.  `eager`: the family's plain call."""
     on = torch.device(device).type == "cpu" if trace == "auto" else bool(trace)
-    return TracedUNet(enabled=on)
+    return TracedUNet(enabled=on, eager=eager)
 
 
 def row_chunks(n: int, k: int) -> list[slice]:
@@ -87,8 +97,10 @@ class TracedUNet:
         float rounding, follows the thread count.
     """
 
-    def __init__(self, enabled: bool = True, max_traces: int = 8, parallel="auto"):
+    def __init__(self, enabled: bool = True, max_traces: int = 8, parallel="auto",
+                 eager=_sd_eager):
         self.enabled = bool(enabled)
+        self.eager = eager  # the family's plain call: (module, x, t, cond) -> output
         self.max_traces = max_traces
         self.parallel = parallel
         self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
@@ -99,20 +111,20 @@ class TracedUNet:
         return len(self._traces)
 
     def __call__(self, unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        emb = cond.embeds
         if (not self.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling()
                 or torch.jit.is_tracing()):
-            return _eager(unet, x, t, emb)
+            return self.eager(unet, x, t, cond)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         with _THREADS:
-            return self._split_call(unet, x, t, emb)
+            return self._split_call(unet, x, t, cond)
 
-    def _split_call(self, unet, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+    def _split_call(self, unet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         k = self.workers(x)
-        chunks = [(x[c], t[c], emb[c]) for c in row_chunks(x.shape[0], k)]
-        calls = [self._trace_for(unet, *a) for a in chunks]  # built here, one thread at a time
+        names, parts = _flat(cond)
+        chunks = [(x[c], t[c], *(p[c] for p in parts)) for c in row_chunks(x.shape[0], k)]
+        calls = [self._trace_for(unet, cond, names, a) for a in chunks]  # one thread at a time
         if any(c is None for c in calls):
-            return _eager(unet, x, t, emb)
+            return self.eager(unet, x, t, cond)
         if k == 1:
             return calls[0](*chunks[0])
         if self._pool_size < k - 1:
@@ -139,22 +151,25 @@ class TracedUNet:
         """How many concurrent chunks a traced call on x is split into (1: not split)."""
         return max(1, min(torch.get_num_threads(), x.shape[0])) if self.parallel_on(x.device) else 1
 
-    def _trace_for(self, unet, x: Tensor, t: Tensor, emb: Tensor):
+    def _trace_for(self, unet, template: Conditioning, names: tuple[str, ...],
+                   args: tuple[Tensor, ...]):
         """The trace for these input shapes (built on first use), or None if tracing failed."""
         if not self.enabled:
             return None
-        key = (id(unet), tuple(x.shape), tuple(t.shape), tuple(emb.shape), x.dtype, emb.dtype,
+        x = args[0]
+        key = (id(unet), type(template), names, tuple((tuple(a.shape), a.dtype) for a in args),
                x.device, x.is_contiguous())
         traced = self._traces.get(key)
         if traced is None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # TracerWarnings about shape-fixed branches
-                    traced = torch.jit.trace(_UNetCall(unet), (x, t, emb), check_trace=False)
+                    traced = torch.jit.trace(_DenoiserCall(unet, self.eager, template, names),
+                                             args, check_trace=False)
             except Exception as e:  # an operator TorchScript cannot record: stay eager
                 warnings.warn(
-                    f"torch.jit.trace failed for this UNet ({type(e).__name__}); running eager",
-                    stacklevel=4,
+                    f"torch.jit.trace failed for this denoiser ({type(e).__name__}); "
+                    "running eager", stacklevel=4,
                 )
                 self.enabled = False
                 return None
