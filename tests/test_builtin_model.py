@@ -109,7 +109,7 @@ def test_demo_end_to_end(tmp_path):
     assert grid.size[0] > 4 * 64
     report = json.loads((tmp_path / "demo.json").read_text())
     figs = report["figures"]
-    assert set(figs) == {"dds", "sds", "no-edit", "round-trip", "paired"}
+    assert set(figs) == {"dds", "sds", "flowedit", "no-edit", "round-trip", "paired"}
     f = figs["dds"]["all"]
     assert f["n"] == 3 and 0 <= f["success"] <= 1 and np.isfinite(f["psnr_gt"])
     # The floors: leaving the image alone never succeeds and gains nothing over itself.
@@ -149,13 +149,14 @@ def test_editing_eval_resumes_from_its_batches(tmp_path):
     parts = tmp_path / "editing"
     first = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
     files = sorted((parts / "parts").glob("*-b-*.json"))
-    assert [f.stem for f in files] == ["dds-b-0", "dds-b-4", "sds-b-0", "sds-b-4"]
+    assert [f.stem for f in files] == ["dds-b-0", "dds-b-4", "flowedit-b-0", "flowedit-b-4",
+                                       "sds-b-0", "sds-b-4"]
     files[1].unlink()
     resumed = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
     cached = eval_editing(None, None, cfg, per_kind=2, batch_size=4, quiet=True,
                           parts_dir=parts)
     for r in (first, resumed, cached):
-        for method in ("dds", "sds"):
+        for method in ("dds", "sds", "flowedit"):
             for kind, row in plain[method].items():
                 assert r[method][kind] == pytest.approx(row, rel=1e-6)
     with pytest.raises(DDSError, match="other settings"):

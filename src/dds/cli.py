@@ -127,14 +127,20 @@ def _check_edit_args(args) -> None:
     from dds.loop import EditConfig
 
     try:
-        EditConfig().with_(method=args.method, steps=args.steps, guidance=args.guidance,
-                           lr=args.lr, seed=args.seed)
+        EditConfig().with_(**edit_settings(args))
     except DDSError as e:
         raise DDSError(cli_words(e)) from None
     if args.save_every is not None and args.save_every <= 0:
         raise DDSError(f"--save-every {args.save_every} is invalid: it must be a whole number > 0")
     if args.size is not None and args.size < 8:
         raise DDSError(f"--size {args.size} is invalid: the long side must be at least 8 pixels")
+
+
+def edit_settings(args) -> dict:
+    """The EditConfig fields the command line sets (None: the model's or the method's)."""
+    return dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
+                seed=args.seed, source_guidance=args.source_guidance, n_max=args.n_max,
+                n_min=args.n_min, n_avg=args.n_avg, true_cfg=args.true_cfg or None)
 
 
 def _step_hook(pipe, args, job: Job, bar):
@@ -169,8 +175,7 @@ def cmd_edit(args) -> int:
     if not todo:
         return 0  # nothing left to do: no model is needed
     pipe = pipeline_for(args.model, dtype=args.precision, device=args.device)
-    settings = dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
-                    seed=args.seed)
+    settings = edit_settings(args)
     prepared = []
     for job, im in todo:
         p = pipe.prepare(EditRequest(im, job.source, job.target, settings, size=args.size,
@@ -182,6 +187,7 @@ def cmd_edit(args) -> int:
 
 
 def _run_jobs(pipe, args, prepared: list, total: int) -> int:
+    from dds.methods import get_method
     from dds.progress import progress_bar
 
     todo = prepared
@@ -189,7 +195,8 @@ def _run_jobs(pipe, args, prepared: list, total: int) -> int:
     try:
         for k, (job, p) in enumerate(todo, 1):
             desc = f"{job.image.name} [{k}/{len(todo)}]" if len(todo) > 1 else job.image.name
-            bar = progress_bar(p.config.steps, desc, quiet=args.quiet)
+            bar = progress_bar(get_method(p.config.method).num_steps(p.config), desc,
+                               quiet=args.quiet)
             result = pipe.run(p, on_step=_step_hook(pipe, args, job, bar))
             bar.close()
             result.save(job.out)
@@ -203,16 +210,21 @@ def _run_jobs(pipe, args, prepared: list, total: int) -> int:
     return 0
 
 
+METHOD_NAMES = ("dds", "sds", "flowedit")  # dds.methods.METHODS (kept here: no torch for --help)
+
+
 def add_edit_parser(sub) -> None:
     p = sub.add_parser(
         "edit",
-        help="edit images with DDS (or SDS) towards a target prompt",
+        help="edit images with DDS (or SDS, FlowEdit) towards a target prompt",
         description=(
             "Zero-shot text-driven editing (Delta Denoising Score, Section 3 of the paper). "
             "INPUT is an image, a folder of images (same prompts for all), or a CSV/JSON/JSONL "
             "list of jobs with columns image, source, target (and optionally out). Defaults "
             "are the reference recipe (SGD lr 0.1, loss x2000 per 64x64 latent, 200 steps, "
-            "guidance 7.5), or the settings a model folder recommends in dds_edit_defaults.json."
+            "guidance 7.5), or the settings a model family or folder recommends "
+            "(dds_edit_defaults.json); FlowEdit's are its published ones. The model's family "
+            "(Stable Diffusion 1/2, SDXL, SD3/SD3.5, FLUX.1) is read from its model_index.json."
         ),
         epilog="example: dds edit cat.png --source 'a photo of a cat' --target 'a photo of a "
         "lion' --model ./stable-diffusion-v1-5 --out lion.png",
@@ -221,9 +233,21 @@ def add_edit_parser(sub) -> None:
     p.add_argument("--source", help="caption of the input image (required for DDS)")
     p.add_argument("--target", help="caption of the edited image")
     p.add_argument("--model", help="diffusers model folder or cached model id (default: built-in)")
-    p.add_argument("--method", choices=["dds", "sds"], help="score to optimise (default dds)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default 200)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--method", choices=METHOD_NAMES,
+                   help="dds, sds (score distillation) or flowedit (default dds)")
+    p.add_argument("--steps", type=int,
+                   help="optimisation steps (default 200); FlowEdit: its schedule's T")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5); "
+                   "FLUX.1-dev: its guidance input")
+    p.add_argument("--source-guidance", type=float,
+                   help="guidance of the source branch (DDS, FlowEdit; default: --guidance, "
+                   "FlowEdit: its published value)")
+    p.add_argument("--n-max", type=int, help="FlowEdit: run the last N of the T steps")
+    p.add_argument("--n-min", type=int, help="FlowEdit: of those, sample the target alone for "
+                   "the last N (default 0)")
+    p.add_argument("--n-avg", type=int, help="FlowEdit: noise draws averaged per step (default 1)")
+    p.add_argument("--true-cfg", action="store_true", help="guidance-distilled models (FLUX.1-dev):"
+                   " classifier-free guidance with an unconditional branch (2x the model calls)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
     p.add_argument("--seed", type=int, help="random seed for t and noise (default 0)")
     p.add_argument("--size", type=int, help="working long side in pixels (default: the model's)")

@@ -80,7 +80,7 @@ def cmd_demo(args) -> int:
     report = run_demo(Path(args.out), seed=args.seed, per_kind=args.per_kind, model=args.model,
                       steps=args.steps, quiet=args.quiet)
     print_figures(report)
-    print(f"wrote {Path(args.out) / 'demo.png'} (source | DDS | SDS | exact ground truth) and "
+    print(f"wrote {Path(args.out) / 'demo.png'} (source | DDS | SDS | FlowEdit | exact ground truth) and "
           f"{Path(args.out) / 'demo.json'}")
     return 0
 

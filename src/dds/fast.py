@@ -74,7 +74,8 @@ class FastEditor:
     """The fast editing path over a backend; keeps its half-precision UNet, compiled step and
     CUDA graphs between calls, so build one and edit many times.
 
-    precision: "auto" (fp16 on CUDA, the backend's dtype elsewhere), "fp32", "fp16" or "bf16".
+    precision: "auto" (on CUDA fp16, or bf16 for a bf16 model such as FLUX; the backend's dtype
+        elsewhere), "fp32", "fp16" or "bf16".
     compile: "auto" (on for CUDA, off on CPU where the Inductor build costs more than an edit),
         True/False, or a `torch.compile` mode string ("default", "max-autotune-no-cudagraphs").
     cuda_graphs: "auto" (on for CUDA), True/False; ignored (with one warning) off CUDA.
@@ -100,8 +101,9 @@ class FastEditor:
         self.device = torch.device(backend.device)
         on_cuda = self.device.type == "cuda"
         base_dtype = next(backend.denoiser.parameters()).dtype
-        if precision == "auto":
-            dtype = torch.float16 if on_cuda else base_dtype
+        if precision == "auto":  # half precision on CUDA: the model's bf16 (FLUX), else fp16
+            dtype = (base_dtype if base_dtype == torch.bfloat16 else torch.float16) if on_cuda \
+                else base_dtype
         elif precision in PRECISIONS:
             dtype = PRECISIONS[precision]
         else:

@@ -66,9 +66,21 @@ def check_prompts(source: str | None, target: str, method: str) -> None:
 
 
 def edit_config(model, **overrides) -> EditConfig:
-    """The reference defaults, then the model's recommended settings, then the caller's."""
-    base = EditConfig().with_(**getattr(model, "edit_defaults", {}))
-    return base.with_(**overrides)
+    """The reference recipe, then the method's own settings (FlowEdit's), then the model's
+    recommended ones (top-level keys for the score-distillation methods; a key named after a
+    method for that method), then the caller's.  A caller who sets FlowEdit's `steps` alone
+    keeps the default's proportion of steps run (`n_max`)."""
+    method = get_method(overrides.get("method") or EditConfig.method)
+    own = getattr(model, "edit_defaults", {}) or {}
+    settings = {"method": method.name, **method.defaults}
+    if method.gradient:
+        settings.update({k: v for k, v in own.items() if not isinstance(v, dict)})
+    settings.update(own.get(method.name, {}))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "steps" in given and "n_max" not in given and settings.get("n_max") is not None:
+        share = settings["n_max"] / settings.get("steps", EditConfig.steps)
+        given["n_max"] = max(1, min(int(given["steps"]), round(share * given["steps"])))
+    return EditConfig().with_(**{**settings, **given})
 
 
 def image_hash(im: Image.Image) -> str:
@@ -115,8 +127,16 @@ def aspect_change(original: tuple[int, int], working: tuple[int, int]) -> float:
 
 def max_size(model) -> int:
     """The largest working long side a request may ask for: four times the model's native
-    side, at least 1024 (beyond that, memory and time grow with nothing to gain)."""
-    return max(1024, 4 * int(model.native_size))
+    side, at least 1024 (beyond that, memory and time grow with nothing to gain), and no more
+    than the denoiser can take (SD3's position embeddings end at `max_image_side`)."""
+    return min(max(1024, 4 * int(model.native_size)),
+               int(getattr(model, "max_image_side", None) or 1 << 30))
+
+
+def size_multiple(model) -> int:
+    """What both working sides must be a multiple of (8; 16 for SD3 and FLUX, whose
+    transformers read 2x2 latent patches)."""
+    return int(getattr(model, "size_multiple", None) or 8)
 
 
 @dataclass(frozen=True)
@@ -150,13 +170,14 @@ class EditPipeline:
         check_prompts(request.source, request.target, cfg.method)
         size = self.check_size(request.size)
         original = as_image(request.image)
-        im = prepare(original, size, crop=request.crop)
+        multiple = size_multiple(self.model)
+        im = prepare(original, size, crop=request.crop, multiple=multiple)
         notes = self.prompt_notes(request.source, request.target)
         change = aspect_change(original.size if not request.crop else (1, 1), im.size)
         if change > ASPECT_NOTE:
             notes.append(f"the working size {im.size[0]}x{im.size[1]} changes the image's aspect "
-                         f"ratio by {change:.1%} (both sides are multiples of 8); crop the image "
-                         "or choose another size to keep it closer")
+                         f"ratio by {change:.1%} (both sides are multiples of {multiple}); "
+                         "crop the image or choose another size to keep it closer")
         return PreparedEdit(request, im, cfg, (request.source or "").strip(),
                             request.target.strip(), tuple(notes))
 
@@ -176,10 +197,11 @@ class EditPipeline:
         """The working long side: the model's native one by default, else within the range."""
         if size is None:
             return int(self.model.native_size)
-        hi = max_size(self.model)
+        hi, lo = max_size(self.model), size_multiple(self.model)
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not (
-                float(size).is_integer() and 8 <= size <= hi):
-            raise SettingError("size", size, f"it must be a whole number of pixels from 8 to {hi}")
+                float(size).is_integer() and lo <= size <= hi):
+            raise SettingError("size", size,
+                               f"it must be a whole number of pixels from {lo} to {hi}")
         return int(size)
 
     def decode(self, z: torch.Tensor) -> Image.Image:
@@ -213,7 +235,8 @@ class EditPipeline:
         z = edit_latents(self.model, z_hat, cond_s, cond_t, p.config, on_step=hook, stop=stop)
         image = self.decode(z)
         return EditResult(image=image, input=p.input, latents=z, config=p.config,
-                          steps_run=steps[0], stopped=steps[0] < p.config.steps,
+                          steps_run=steps[0],
+                          stopped=steps[0] < get_method(p.config.method).num_steps(p.config),
                           seconds=time.monotonic() - t0, metadata=self.metadata(p, steps[0]))
 
 

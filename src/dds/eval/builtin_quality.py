@@ -40,6 +40,7 @@ from dds.eval.world_edits import (
 )
 from dds.loop import EditConfig
 from dds.methods import METHODS
+from dds.pipeline import edit_config
 from dds.progress import progress_bar
 from dds.sampling import generate
 from dds.world import caption, parse_caption, sample_scene
@@ -129,7 +130,7 @@ def eval_vae(model, n: int, seed: int = HELD_OUT_SEED, judge=None) -> dict:
 def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int = 50,
                  seed: int = HELD_OUT_SEED, quiet: bool = False,
                  parts_dir: Path | None = None) -> dict:
-    """Every guidance method (DDS, SDS) on `per_kind` held-out edits of each kind, and the two
+    """Every editing method (DDS, SDS, FlowEdit) on `per_kind` held-out edits of each kind, and the two
     floors, scored against the exact truth: {method or floor: {kind: means}}.
 
     With `parts_dir`, each batch's per-edit metrics are kept in `parts_dir/parts/` as it
@@ -157,7 +158,9 @@ def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int =
     slices = batches(len(edits), batch_size)
     out, per = {}, {}
     for method in METHODS:
-        c = cfg.with_(method=method)
+        # DDS and SDS at the given settings; FlowEdit at its own (same seeds).
+        c = (cfg.with_(method=method) if METHODS[method].gradient
+             else edit_config(model, method=method, seed=cfg.seed))
         per[method] = runner.batches((method,), slices, lambda sl, c=c: run(sl, c),
                                      name_by_start=True)
         out[method] = summarise(per[method], edits)
@@ -228,7 +231,7 @@ def run_quality(model, judge, out_dir: Path, preset: QualityPreset = FULL,
     Each measurement is a unit of one resumable runner (OUT/parts/), the editing one per batch
     (OUT/parts/editing/parts/); the report is written from the units' results."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = EditConfig().with_(**model.edit_defaults)
+    cfg = edit_config(model)
     runner = Runner(out_dir, {"preset": preset.__dict__, "edit_config": json.loads(cfg.to_json()),
                               "model": getattr(model, "label", None),
                               "metrics": list(WORLD_METRICS)})

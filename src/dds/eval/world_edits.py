@@ -20,6 +20,7 @@ import torch
 from dds.eval.metrics import WORLD_METRICS, References, outside, score_outputs
 from dds.eval.seeds import HELD_OUT_SEED
 from dds.loop import EditConfig, edit_latents
+from dds.methods import get_method
 from dds.models.base import cat_cond
 from dds.progress import progress_bar
 from dds.world import Edit, edit_mask, render, sample_edit
@@ -93,7 +94,8 @@ def run_zero_shot(model, edits: Sequence[Edit], cfg: EditConfig, batch_size: int
     in [0,1]."""
     p = prepared or prepare(model, edits)
     outs = []
-    bar = progress_bar(len(edits) * cfg.steps, desc or cfg.method, quiet=quiet)
+    bar = progress_bar(len(edits) * get_method(cfg.method).num_steps(cfg), desc or cfg.method,
+                       quiet=quiet)
     for i in range(0, len(edits), batch_size):
         sl = slice(i, i + batch_size)
         n = p.z_hat[sl].shape[0]

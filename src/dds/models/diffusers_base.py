@@ -211,6 +211,8 @@ class DiffusersModel:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if not getattr(self, "size_multiple", None):  # pixels both working sides divide by
+            self.size_multiple = max(8, self.vae_scale_factor)
         self._uncond: Conditioning | None = None
         self._call_frozen = unet_call_for(self.device, trace, eager=self._call)
         defaults = self._root / "dds_edit_defaults.json"

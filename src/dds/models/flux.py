@@ -16,6 +16,7 @@ What differs from the other families, all inside this file:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -70,6 +71,12 @@ def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
 def text_ids(length: int, device=None, dtype=torch.float32) -> Tensor:
     """(L,3) zero positions of the text tokens (FluxPipeline.encode_prompt's text_ids)."""
     return torch.zeros(length, 3).to(device=device, dtype=dtype)
+
+
+# Built once per size, dtype and device: no host-to-device copy in the transformer's call
+# (which a CUDA graph could not capture).
+_image_ids = lru_cache(maxsize=32)(image_ids)
+_text_ids = lru_cache(maxsize=32)(text_ids)
 
 
 def check_even(shape: Sequence[int]) -> None:
@@ -175,6 +182,7 @@ class FluxModel(DiffusersModel):
         self.latent_channels = int(transformer.config.in_channels) // 4
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_size = DEFAULT_LATENT_SIZE * vae_scale
+        self.size_multiple = 2 * vae_scale  # latents are packed in 2x2 patches
         self._schedules: dict[tuple[int, int], FlowSchedule] = {}
         self.schedule = self.schedule_for((1, self.latent_channels, DEFAULT_LATENT_SIZE,
                                            DEFAULT_LATENT_SIZE))
@@ -243,8 +251,8 @@ class FluxModel(DiffusersModel):
             guidance=guidance,
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.embeds,
-            txt_ids=text_ids(cond.embeds.shape[1], z_t.device, z_t.dtype),
-            img_ids=image_ids(h, w, z_t.device, z_t.dtype),
+            txt_ids=_text_ids(cond.embeds.shape[1], z_t.device, z_t.dtype),
+            img_ids=_image_ids(h, w, z_t.device, z_t.dtype),
             return_dict=False,
         )[0]
         return unpack_latents(v, h, w)

@@ -20,6 +20,7 @@ eps (v-prediction fine-tunes are converted like SD 2.x).
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -47,6 +48,11 @@ def add_time_ids(height: int, width: int, dtype: torch.dtype = torch.float32,
     (original h, w, crop top, crop left, target h, w), as the pipeline's `_get_add_time_ids`
     builds it with original = target = the image size and crop (0, 0)."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+
+
+# Built once per size, dtype and device: no host-to-device copy in the denoiser's call (which a
+# CUDA graph could not capture).
+_time_ids = lru_cache(maxsize=32)(add_time_ids)
 
 
 def pipeline_settings(root) -> dict:
@@ -162,7 +168,7 @@ class SDXLModel(DiffusersModel):
         (h*f) x (w*f) image, the same for every row."""
         b, _, h, w = z_t.shape
         f = self.vae_scale_factor
-        ids = add_time_ids(h * f, w * f, z_t.dtype, z_t.device).expand(b, 6)
+        ids = _time_ids(h * f, w * f, z_t.dtype, z_t.device).expand(b, 6)
         added = {"text_embeds": cond.pooled, "time_ids": ids}
         return module(z_t, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added,
                       return_dict=False)[0]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dds.errors import DDSError
-from dds.methods import METHODS, get_method
+from dds.methods import SCORES, get_method
 from dds.models.base import Conditioning
 from dds.training.toolkit import (
     CsvLog,
@@ -119,8 +119,8 @@ class TrainConfig:
             bad("lr", "it must be > 0")
         if not 0 <= self.guidance_warmup <= 1:
             bad("guidance_warmup", "it is a fraction of the steps, between 0 and 1")
-        if self.score not in METHODS:
-            bad("score", "use one of " + ", ".join(repr(m) for m in METHODS))
+        if self.score not in SCORES:
+            bad("score", "use one of " + ", ".join(repr(m) for m in SCORES))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             bad("mixed_precision", "use 'no', 'fp16' or 'bf16'")
         if self.on_bad_data not in ("skip", "error"):
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--score", choices=list(METHODS), default=d.score,
+    p.add_argument("--score", choices=list(SCORES), default=d.score,
                    help="the distillation score (sds: the paper's ablation)")
     p.add_argument("--guidance-start", type=float, default=d.guidance_start)
     p.add_argument("--guidance-end", type=float,

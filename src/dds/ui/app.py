@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from dds.errors import DDSError
 from dds.loop import LIMITS
+from dds.methods import METHODS
 from dds.ui.examples import Example, bundled_examples, photo_examples, world_examples
 from dds.ui.messages import (
     LABELS,
@@ -146,6 +147,7 @@ def build_app(model=None, *, session: EditSession | None = None,
         _wire_edit(session, ui)
         _wire_cancel(session, ui)
         _wire_choices(ui, examples)
+        _wire_method(session, ui)
         _wire_history(ui)
 
     demo.queue(default_concurrency_limit=int(concurrency))
@@ -223,8 +225,10 @@ def _settings(session: EditSession, ui: SimpleNamespace) -> None:
     import gradio as gr
 
     d, lim = session.defaults, LIMITS
-    ui.method = gr.Radio(["dds", "sds"], value=d["method"], label=LABELS["method"],
-                         info="DDS keeps what the prompts share; SDS only follows the target")
+    ui.method = gr.Radio(list(METHODS), value=d["method"], label=LABELS["method"],
+                         info="DDS keeps what the prompts share; SDS only follows the target; "
+                         "FlowEdit follows the model's flow from the source (its own steps "
+                         "and guidance)")
     ui.guidance = raw_number(gr.Slider(*lim["guidance"], value=d["guidance"], step=0.1,
                                        label=LABELS["guidance"], elem_id="dds-guidance"))
     ui.steps = raw_number(gr.Slider(*lim["steps"], value=d["steps"], step=1,
@@ -342,6 +346,19 @@ def _wire_cancel(session: EditSession, ui: SimpleNamespace) -> None:
                         show_progress="hidden").then(
         on_cancel, None, None, api_name="cancel", concurrency_limit=None,
         concurrency_id="cancel", show_progress="hidden")
+
+
+def _wire_method(session: EditSession, ui: SimpleNamespace) -> None:
+    """Choosing a method (by hand: not restoring a history row) sets the numbers to that
+    method's defaults on this model."""
+    import gradio as gr
+
+    def on_method(method):
+        d = session.method_defaults(method)
+        return gr.Slider(value=d["guidance"]), gr.Slider(value=d["steps"]), gr.Number(value=d["lr"])
+
+    ui.method.input(on_method, [ui.method], [ui.guidance, ui.steps, ui.lr],
+                    show_progress="hidden", concurrency_limit=None, concurrency_id="ui")
 
 
 def _wire_choices(ui: SimpleNamespace, examples: list[Example]) -> None:

@@ -30,6 +30,7 @@ from PIL import Image
 from dds.errors import DDSError, SettingError
 from dds.images import save_png
 from dds.loop import LIMITS, check_range
+from dds.methods import get_method
 from dds.models.registry import is_builtin
 from dds.pipeline import (
     EditPipeline,
@@ -147,6 +148,12 @@ class EditSession:
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
 
+    def method_defaults(self, method: str) -> dict:
+        """The page's numbers for `method` on this model (FlowEdit runs fewer steps, with
+        more guidance, than DDS)."""
+        cfg = self.pipeline.config(method=method)
+        return {"steps": cfg.steps, "guidance": cfg.guidance, "lr": cfg.lr}
+
     def set_concurrency(self, n: int) -> None:
         self.queue.slots = int(n)
 
@@ -239,7 +246,7 @@ class EditSession:
               preview_every: int | None = None) -> Iterator[EditUpdate]:
         """Claim `key` (one edit per page at a time), join the queue and return the edit's
         updates."""
-        every = preview_every or self.preview_every or max(1, prepared.config.steps // 20)
+        every = preview_every or self.preview_every or max(1, num_steps(prepared.config) // 20)
         with self._lock:
             if key in self._runs:
                 raise DDSError("an edit is already running in this page; wait for it or cancel it")
@@ -268,7 +275,7 @@ class EditSession:
     def _queued(self, prepared: PreparedEdit, run: _Run) -> Iterator[EditUpdate]:
         """Wait for a slot, yielding the edits ahead whenever that number changes; ends with a
         `cancelled` update if the edit is taken out of the queue."""
-        im, total, t0 = prepared.input, prepared.config.steps, time.monotonic()
+        im, total, t0 = prepared.input, num_steps(prepared.config), time.monotonic()
         shown = None
         while not self.queue.wait(run.ticket, 0 if shown is None else 0.25):
             if run.ticket.cancelled.is_set():
@@ -282,7 +289,7 @@ class EditSession:
     def _iterate(self, prepared: PreparedEdit, every: int, key: str,
                  run: _Run) -> Iterator[EditUpdate]:
         events: queue.Queue = queue.Queue()
-        im, total = prepared.input, prepared.config.steps
+        im, total = prepared.input, num_steps(prepared.config)
         worker = self._worker(prepared, every, key, run, events)
         try:
             for u in self._queued(prepared, run):
@@ -357,7 +364,7 @@ class EditSession:
                    "progress": progress_html(0, 0, "refused")}
             return
         notes = notes_markdown(prepared.notes)
-        total = prepared.config.steps
+        total = num_steps(prepared.config)
         yield {"message": notes, "running": True, "download": None,
                "progress": progress_html(0, total, "running")}
         step = 0
@@ -416,3 +423,8 @@ def history_rows(history: list[dict]) -> list[list]:
 def history_gallery(history: list[dict]) -> list[tuple[str, str]]:
     """Thumbnails of the results, newest first, captioned with their row number."""
     return [(h["result"], f"#{h['n']}") for h in reversed(history) if h.get("result")]
+
+
+def num_steps(cfg) -> int:
+    """How many steps an edit with `cfg` runs (FlowEdit: the last n_max of its schedule)."""
+    return get_method(cfg.method).num_steps(cfg)
