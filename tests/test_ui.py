@@ -169,6 +169,21 @@ def test_page_edit_records_history_and_png(session, photo):
     assert any("Note:" in o.get("message", "") for o in outs if o.get("running"))
 
 
+def test_flowedit_from_the_page(session, photo):
+    """Choosing FlowEdit fills in its own numbers; an edit with them runs its n_max steps."""
+    d = session.method_defaults("flowedit")
+    assert (d["steps"], d["guidance"]) == (50, 13.5)
+    assert session.method_defaults("dds")["guidance"] == 7.5
+    outs = list(session.page_edit(photo, "noise", "a red circle", "flowedit", d["guidance"], 6,
+                                  d["lr"], 3, SIZE, [], key="fe"))
+    final = outs[-1]
+    assert final["message"].startswith("Edit done"), final["message"]
+    meta = json.loads(Image.open(final["download"]).text["dds"])
+    # T = 6 set on the page keeps FlowEdit's published share of steps run (33 of 50 -> 4 of 6)
+    assert meta["config"]["method"] == "flowedit" and meta["config"]["n_max"] == 4
+    assert meta["config"]["source_guidance"] == 3.5 and meta["steps_run"] == 4
+
+
 def _png_header(w: int, h: int) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
