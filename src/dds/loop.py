@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from dds.errors import DivergedError, SettingError
-from dds.methods import METHODS, Draw, draw_t_eps, get_method  # noqa: F401  (draw_t_eps: re-export)
+from dds.methods import (  # noqa: F401  (draw_t_eps: re-export)
+    METHODS,
+    STEP_RULES,
+    TIMESTEP_SCHEDULES,
+    Draw,
+    draw_t_eps,
+    get_method,
+    step_lr,
+)
 from dds.models.base import expand_cond
 
 
@@ -97,10 +105,16 @@ class EditConfig:
     weight_a: float = 0.0  # w(t) = alpha_t^a sigma_t^b
     weight_b: float = 0.0
     seed: int = 0
+    # Score distillation: how step i's noise level is drawn ("reference": uniform every step;
+    # "descending": falling through `steps` strata; "stratified": the strata in random order)
+    # and the step size over the edit ("constant"; "budget": lr x 200 / steps).
+    schedule: str = "reference"
+    step_rule: str = "constant"
     # Guidance of the source branch (DDS, FlowEdit); None: the same as `guidance`.
     source_guidance: float | None = None
     # FlowEdit: of `steps` descending timesteps run the last n_max (None: all), the last n_min
-    # of those sampling the target alone, each averaging n_avg noise draws.
+    # of those sampling the target alone.  n_avg: noise draws averaged per step (FlowEdit, and
+    # DDS/SDS at the same t).
     n_max: int | None = None
     n_min: int = 0
     n_avg: int = 1
@@ -129,6 +143,10 @@ class EditConfig:
             bad("n_max", f"it must be at most steps ({self.steps})")
         if self.n_min > (self.steps if self.n_max is None else self.n_max):
             bad("n_min", "it must be at most n_max (or steps)")
+        if self.schedule not in TIMESTEP_SCHEDULES:
+            bad("schedule", f"use one of {', '.join(repr(k) for k in TIMESTEP_SCHEDULES)}")
+        if self.step_rule not in STEP_RULES:
+            bad("step_rule", f"use one of {', '.join(repr(k) for k in STEP_RULES)}")
         if not isinstance(self.true_cfg, bool):
             bad("true_cfg", "it must be true or false")
         for name in ("loss_scale", "weight_a", "weight_b"):
@@ -144,8 +162,9 @@ class EditConfig:
 
     @property
     def step_per_element(self) -> float:
-        """How far one SGD step moves a latent element per unit of gradient."""
-        return self.lr * self.loss_scale / self.reference_area
+        """How far one SGD step moves a latent element per unit of gradient (with the step
+        rule's learning rate)."""
+        return step_lr(self) * self.loss_scale / self.reference_area
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -73,6 +73,53 @@ def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg):
     return t, eps
 
 
+# ---- score distillation's timestep schedules ----------------------------------------------
+# Each gives step i's training-noise-level index per edit (B,) long in [t_min, t_max - 1), from
+# that edit's own generator; the noise eps is drawn after it from the same generator.
+def uniform_levels(i: int, steps: int, gens: list[torch.Generator], cfg) -> Tensor:
+    """The reference recipe: t uniform in the integers of [t_min, t_max - 1), every step."""
+    return torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
+
+
+def _strata(i: int, steps: int, gens: list[torch.Generator], cfg) -> Tensor:
+    """A uniform draw inside stratum i of `steps` equal strata of [t_min, t_max - 1), where
+    stratum 0 is the noisiest: a descending schedule with the reference's range and spread."""
+    lo, hi = cfg.t_min, cfg.t_max - 1
+    u = torch.stack([torch.rand((), generator=g) for g in gens])
+    pos = (steps - 1 - i + u) / steps  # in [0, 1), high first
+    return (lo + (pos * (hi - lo)).floor().long()).clamp(lo, hi - 1)
+
+
+def descending_levels(i, steps, gens, cfg) -> Tensor:
+    """Noise levels that fall from t_max to t_min over the edit, one random level inside each
+    of `steps` equal strata (DreamTime, HiFA, DreamCatalyst: coarse structure first, detail
+    last; the stratum keeps the reference's spread)."""
+    return _strata(i, steps, gens, cfg)
+
+
+def stratified_levels(i, steps, gens, cfg) -> Tensor:
+    """The same strata visited in a fixed shuffled order (one per step count, the same for
+    every edit and seed): less variance than i.i.d. draws, no annealing, which separates the
+    strata's effect from the descending order's."""
+    order = torch.randperm(steps, generator=torch.Generator().manual_seed(steps))
+    return _strata(int(order[i]), steps, gens, cfg)
+
+
+TIMESTEP_SCHEDULES = {"reference": uniform_levels, "descending": descending_levels,
+                      "stratified": stratified_levels}
+# The step size over an edit: "constant" is the reference's lr at every step; "budget" scales
+# it by reference_steps / steps, so an edit of fewer steps travels as far in total.
+STEP_RULES = ("constant", "budget")
+REFERENCE_STEPS = 200
+
+
+def step_lr(cfg) -> float:
+    """The SGD learning rate an edit of cfg.steps steps runs with (`cfg.step_rule`)."""
+    if cfg.step_rule == "budget":
+        return cfg.lr * REFERENCE_STEPS / cfg.steps
+    return cfg.lr
+
+
 def guidances(cfg) -> list[float]:
     """[source, target] guidance scales: the source's is the target's unless set apart."""
     w_src = cfg.guidance if cfg.source_guidance is None else cfg.source_guidance
@@ -110,16 +157,27 @@ class _ScoreDistillation:
         return cfg.steps
 
     def draw(self, i, gens, shape, cfg, schedule) -> Draw:
-        index, eps = draw_t_eps(gens, shape, cfg)
+        """Step i's noise level (`cfg.schedule`) and noise, per edit; with n_avg > 1, eps is
+        (n_avg, B, C, h, w): the step averages the gradient over those draws."""
+        if cfg.schedule == "reference" and cfg.n_avg == 1:
+            index, eps = draw_t_eps(gens, shape, cfg)  # the reference's order of draws
+        else:
+            index = TIMESTEP_SCHEDULES[cfg.schedule](i, cfg.steps, gens, cfg)
+            eps = torch.stack([torch.stack([torch.randn(shape, generator=g) for g in gens])
+                               for _ in range(cfg.n_avg)])
+            eps = eps[0] if cfg.n_avg == 1 else eps
         t = schedule.timestep(index)
         return Draw(t, eps, timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).float())
 
     def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False):
         """z - lr * scale * w(t) grad (`dds.score.sgd_step`); returns (z, w(t) grad)."""
-        g = self.grad(eps_fn, z, z_hat, cond, d.t, d.eps, schedule, cfg.guidance,
-                      cfg.source_guidance, embedded)
+        args = (schedule, cfg.guidance, cfg.source_guidance, embedded)
+        if d.eps.ndim == z.ndim:
+            g = self.grad(eps_fn, z, z_hat, cond, d.t, d.eps, *args)
+        else:  # noise averaging: the mean gradient over n_avg draws at the same t
+            g = sum(self.grad(eps_fn, z, z_hat, cond, d.t, e, *args) for e in d.eps) / len(d.eps)
         g = d.weight.view(-1, *([1] * (g.ndim - 1))) * g
-        return sgd_step(z, g, cfg.lr, cfg.loss_scale / cfg.reference_area), g
+        return sgd_step(z, g, step_lr(cfg), cfg.loss_scale / cfg.reference_area), g
 
     def grad(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, t: Tensor, eps: Tensor,
              schedule, guidance: float, source_guidance: float | None = None,

@@ -1,0 +1,126 @@
+"""Score distillation's timestep schedules, noise averaging and step rules: what each draws,
+and that the loop and the fast path run them alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dds.errors import SettingError
+from dds.loop import EditConfig, edit_latents
+from dds.methods import (
+    DDS,
+    TIMESTEP_SCHEDULES,
+    descending_levels,
+    draw_t_eps,
+    stratified_levels,
+    uniform_levels,
+)
+
+
+def _levels(fn, steps, cfg, seeds=(0, 1, 2)):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack([fn(i, steps, gens, cfg) for i in range(steps)])  # (S, B)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_descending_levels_fall_through_every_stratum(steps):
+    cfg = EditConfig(steps=steps)
+    lo, hi = cfg.t_min, cfg.t_max - 1
+    t = _levels(descending_levels, steps, cfg)
+    assert t.min() >= lo and t.max() < hi
+    width = (hi - lo) / steps
+    for i in range(steps):  # step i lies in stratum i counted from the noisiest
+        top = hi - i * width
+        assert ((t[i] >= top - width - 1) & (t[i] < top)).all(), (i, t[i])
+    assert (t[1:] <= t[:-1]).all()  # never rises
+
+
+def test_stratified_levels_visit_each_stratum_once_in_a_fixed_order():
+    steps = 20
+    cfg = EditConfig(steps=steps, seed=5)
+    lo, hi = cfg.t_min, cfg.t_max - 1
+    t = _levels(stratified_levels, steps, cfg)
+    strata = ((t - lo).float() * steps / (hi - lo)).floor().long()
+    for b in range(t.shape[1]):
+        assert sorted(strata[:, b].tolist()) == list(range(steps))  # each stratum once
+    assert (strata == strata[:, :1]).all()  # the same order for every edit
+    other = _levels(stratified_levels, steps, EditConfig(steps=steps, seed=9))
+    assert torch.equal(((other - lo).float() * steps / (hi - lo)).floor().long(), strata)
+    assert not (t[1:] <= t[:-1]).all()  # not descending
+
+
+def test_reference_draws_are_the_recipes():
+    cfg = EditConfig()
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    a = uniform_levels(0, 200, gens, cfg)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    b, _ = draw_t_eps(gens, (4, 2, 2), cfg)
+    assert torch.equal(a, b) and set(TIMESTEP_SCHEDULES) == {"reference", "descending",
+                                                            "stratified"}
+
+
+class Linear:
+    """eps(z_t) = A z_t + c(cond): an analytic denoiser for closed-form checks."""
+
+    device = torch.device("cpu")
+    guidance_embedded = False
+
+    def __init__(self):
+        from dds.models.base import NoiseSchedule
+
+        self.schedule = NoiseSchedule(torch.linspace(0.999, 0.01, 1000))
+
+    def schedule_for(self, shape):
+        return self.schedule
+
+    def uncond(self):
+        return torch.zeros(1, 1, 8)
+
+    def predict_eps(self, z_t, t, emb):
+        return 0.5 * z_t + emb.reshape(z_t.shape)
+
+
+def test_noise_averaging_is_the_mean_of_the_draws_gradients():
+    model, z_hat = Linear(), torch.randn(2, 2, 2, 2)
+    cs, ct = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    cfg = EditConfig(steps=1, n_avg=3, schedule="descending", seed=1)
+    out = edit_latents(model, z_hat, cs, ct, cfg)
+    # By hand: the same draws (level, then three noises, per edit), the mean of three grads.
+    m = DDS()
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    d = m.draw(0, gens, (2, 2, 2), cfg, model.schedule)
+    assert d.eps.shape == (3, 2, 2, 2, 2)
+    cond = m.conditioning(model.uncond().expand(2, 1, 8), cs, ct, cfg)
+    grads = [m.grad(model.predict_eps, z_hat, z_hat, cond, d.t, e, model.schedule, 7.5)
+             for e in d.eps]
+    want = z_hat - cfg.lr * cfg.loss_scale / cfg.reference_area * (sum(grads) / 3)
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+def test_budget_rule_travels_as_far_as_the_reference():
+    ref, short = EditConfig(), EditConfig(steps=50, step_rule="budget")
+    assert short.step_per_element * 50 == pytest.approx(ref.step_per_element * 200)
+    assert EditConfig(steps=50).step_per_element == ref.step_per_element
+
+
+@pytest.mark.parametrize("field, value", [("schedule", "cosine"), ("step_rule", "adam")])
+def test_unknown_options_are_refused(field, value):
+    with pytest.raises(SettingError) as e:
+        EditConfig(**{field: value})
+    assert e.value.field == field and "use one of" in str(e.value)
+
+
+@pytest.mark.parametrize("schedule", ["descending", "stratified"])
+def test_fast_path_runs_the_schedules(tiny_backend, schedule):
+    from dds.fast import FastEditor
+
+    torch.manual_seed(0)
+    z_hat = torch.randn(2, 4, 8, 8)
+    cs = tiny_backend.encode_prompt(["a red circle", "a blue square"])
+    ct = tiny_backend.encode_prompt(["a green circle", "a blue star"])
+    cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule="budget", seed=2)
+    slow = edit_latents(tiny_backend, z_hat, cs, ct, cfg)
+    fast = FastEditor(tiny_backend).edit(z_hat, cs, ct, cfg)
+    assert (slow - z_hat).abs().max() > 1e-3
+    assert (fast - slow).abs().max() < 1e-4
