@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -352,6 +352,15 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None,
                    help="steps timed (default: 200; sdxl/sd3/flux: 5, the time of a whole "
                    "edit is extrapolated from them)")
+    p.add_argument("--schedule", default="reference", choices=["reference", "descending",
+                                                                 "stratified"],
+                   help="timestep schedule of the default and fast paths (EditConfig.schedule); "
+                   "the reference path stays the recipe")
+    p.add_argument("--step-rule", default="constant", choices=["constant", "budget"],
+                   help="step rule of the default and fast paths (EditConfig.step_rule)")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="steps of the default and fast paths (default: --steps); the "
+                   "reference path runs --steps")
     p.add_argument("--batch", type=int, default=None,
                    help="edits in the batched run (N; default 8; sdxl/sd3/flux: 1)")
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
@@ -480,12 +489,25 @@ def fast_run(setup: Setup, device, z_hat, cfg, seeds, a) -> Run:
     return Run(run, _name(ed.dtype), ed.attention, (model, ed), tuple(caught))
 
 
+def scheduled(a) -> bool:
+    """Do the default and fast paths run another schedule than the reference recipe's?"""
+    return (a.schedule, a.step_rule, a.schedule_steps) != ("reference", "constant", None)
+
+
+def path_steps(path: str, a) -> int:
+    """Steps a path runs: the reference recipe's --steps; --schedule-steps for ours."""
+    return a.schedule_steps if path != "reference" and a.schedule_steps else a.steps
+
+
 def make_run(path: str, setup: Setup, device, z_hat, seeds, cfg, a) -> Run:
     if path == "reference":
         return reference_run(setup, device, z_hat, seeds, tuple(z_hat.shape[1:]))
-    if path == "default":
-        return default_run(setup, device, z_hat, cfg)
-    return fast_run(setup, device, z_hat, cfg, seeds, a)
+    cfg = cfg.with_(schedule=a.schedule, step_rule=a.step_rule)
+    r = (default_run(setup, device, z_hat, cfg) if path == "default"
+         else fast_run(setup, device, z_hat, cfg, seeds, a))
+    inner, steps = r.run, path_steps(path, a)
+    # A timed run asks for --steps: ours run --schedule-steps then (a warm-up keeps its few).
+    return replace(r, run=lambda asked: inner(steps if asked == a.steps else asked))
 
 
 def _messages(caught) -> list[str]:
@@ -505,11 +527,13 @@ def build_and_time(make, a, device):
 
 
 def measure(path: str, make, a, device, n: int, refs: dict, flops: int) -> dict:
-    """Build one path, time it, compare its latents with the reference's; one report row."""
+    """Build one path, time it, compare its latents with the reference's (with another
+    schedule: the fast path's with the default path's, which make the same edit); one row."""
     r, sec, warm, out, mem, caught = build_and_time(make, a, device)
-    if path == "reference":
-        refs[n] = out
-    diff = (out - refs[n]).abs().max().item() if n in refs else float("nan")
+    key = (n, path == "reference" or not scheduled(a))
+    if path in ("reference", "default") and key not in refs:
+        refs[key] = out
+    diff = (out - refs[key]).abs().max().item() if key in refs else float("nan")
     tol = TOL_HALF if r.precision != "fp32" or device.type == "cuda" else TOL_FP32
     return {
         "path": path,
@@ -520,7 +544,8 @@ def measure(path: str, make, a, device, n: int, refs: dict, flops: int) -> dict:
         "seconds_total": sec,
         "seconds_per_edit": sec / n,
         "warmup_seconds": warm,
-        "unet_tflops": flops * a.steps * n / sec / 1e12,
+        "steps": path_steps(path, a),
+        "unet_tflops": flops * path_steps(path, a) * n / sec / 1e12,
         "peak_memory_mb": mem,
         "max_abs_diff": diff,
         "tolerance": tol,
@@ -598,7 +623,7 @@ def bench(setup: Setup, a, device) -> dict:
     del model
     report = header(setup, a, device, size, shape, flops)
     print_header(report)
-    refs: dict[int, torch.Tensor] = {}
+    refs: dict[tuple, torch.Tensor] = {}
     for n in sorted({1, a.batch}):
         seeds = [a.seed + i for i in range(n)]
         z_hat = z_all[:n]

@@ -237,6 +237,38 @@ def test_drift_and_convergence_quick(tiny_backend, tmp_path):
     assert s["floors"]["round-trip"]["psnr_gt"] == pytest.approx(rec["rows"][0]["psnr_gt"])
 
 
+@pytest.mark.slow  # ~10 s idle, half a minute on a loaded 2-core machine
+def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend, tmp_path):
+    from dds.eval.experiments.schedules import Setting, matches, settings_of
+
+    out = tmp_path / "sched"
+    s = run_experiment("schedules", _ctx(tiny_backend, out), n_edits=1, batch=8,
+                       reference_steps=4, budgets=[2], schedules=["reference", "descending"],
+                       step_rules=["constant"], n_avg=[1, 2])
+    _, rec = _tables(out, "schedules")
+    rows = {r["setting"]: r for r in rec["rows"]}
+    assert set(rows) == {"reference-constant-n1-s4", "reference-constant-n1-s2",
+                         "reference-constant-n2-s1", "descending-constant-n1-s2",
+                         "descending-constant-n2-s1"}
+    assert all(r["calls"] == 2 for k, r in rows.items() if not k.endswith("s4"))
+    ref = rows["reference-constant-n1-s4"]
+    assert ref["psnr_gain_diff"] == 0 and ref["matches_reference"]
+    # The first 2 of the reference's 4 steps are the reference schedule at 2 steps: its paired
+    # difference is what separate runs give.
+    assert rows["reference-constant-n1-s2"]["psnr_gain"] == pytest.approx(
+        ref["psnr_gain"] - ref["psnr_gain_diff"] + rows["reference-constant-n1-s2"][
+            "psnr_gain_diff"])
+    assert set(s["winners"]) == {"2"} and (out / "schedules.png").is_file()
+    assert s["reference_calls"] == 4
+    # the rule: worse outside the interval on any compared metric -> no match
+    bad = {"success_pos": {"verdict": "no difference"}, "psnr_gain": {"verdict": "reference better"}}
+    assert not matches(bad) and matches({"x": {"verdict": "setting better"}})
+    ref_s, grid = settings_of(dict(reference_steps=200, budgets=[50], schedules=["descending"],
+                                   step_rules=["budget"], n_avg=[1, 2]))
+    assert ref_s == Setting("reference", "constant", 1, 200)
+    assert [(g.steps, g.n_avg, g.calls) for g in grid] == [(50, 1, 50), (25, 2, 50)]
+
+
 def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):
     """Convergence reads every step count off one long run: the state after k steps of a long
     run equals a k-step run."""
@@ -286,6 +318,7 @@ def test_presets_cover_the_paper():
     assert EXPERIMENTS["score-norms"].full["n_t"] == 20
     assert EXPERIMENTS["guidance-sweep"].full["guidances"] == [1, 3, 5, 7.5, 10, 15, 25]
     assert EXPERIMENTS["convergence"].full["steps_list"] == [25, 50, 100, 200, 400]
+    assert EXPERIMENTS["schedules"].full["n_edits"] * 3 >= 200 * 3  # >= 200 edits per kind
 
 
 def test_cli_help_and_errors(capsys):

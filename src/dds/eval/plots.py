@@ -97,6 +97,37 @@ def metric_vs_setting(path, curves: dict[str, list[tuple]], xlabel: str, ylabel:
     return _save(fig, path)
 
 
+def curves_by_panel(path, curves: dict[str, list[tuple]], panels: list[str],
+                    reference: dict[str, tuple] | None = None, xlabel: str = "",
+                    title: str = "") -> Path:
+    """One panel per metric; curves: "METRIC: name" -> [(x, y)] drawn in METRIC's panel;
+    reference: metric -> (x, y) marked with a star."""
+    fig = _figure((4.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for i, m in enumerate(panels):
+        ax = axes[i]
+        for label, pts in curves.items():
+            if label.split(": ", 1)[0] != m or not pts:
+                continue
+            xs, ys = zip(*sorted(pts), strict=True)
+            ax.plot(xs, ys, marker="o", ms=4, label=label.split(": ", 1)[1])
+        if reference and m in reference:
+            ax.plot(*reference[m], marker="*", ms=12, color="black", ls="none",
+                    label="reference recipe")
+        xs = sorted({x for pts in curves.values() for x, _ in pts}
+                    | ({reference[m][0]} if reference and m in reference else set()))
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=7)
+        ax.minorticks_off()
+        ax.set(xlabel=xlabel, ylabel=m)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def drift(path, steps, curves: dict[str, dict[str, tuple]], title: str) -> Path:
     """Two panels (PSNR to the source, latent L2) vs step; curves: method -> metric -> (m, s)."""
     from dds.eval.metrics import get_metric

@@ -63,6 +63,12 @@ def _convergence(ctx, p):
     return run_convergence(ctx, p)
 
 
+def _schedules(ctx, p):
+    from dds.eval.experiments.schedules import run_schedules
+
+    return run_schedules(ctx, p)
+
+
 # Paper scale where the CPU allows it: 100 pairs x 200 noise draws x 20 timesteps for the norms.
 # n_edits counts edits per kind on the built-in world (3 kinds), or rows of metadata.jsonl.
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -94,6 +100,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("convergence", "DDS quality vs number of steps", _convergence,
                full=dict(n_edits=32, batch=48, steps_list=[25, 50, 100, 200, 400]),
                quick=dict(n_edits=2, batch=48, steps_list=[25, 50, 100, 200])),
+    Experiment("schedules", "Edit quality against denoiser calls, per timestep schedule "
+               "(fewer steps)", _schedules,
+               full=dict(n_edits=200, batch=60, reference_steps=200, budgets=[25, 50, 100],
+                         schedules=["reference", "descending", "stratified"],
+                         step_rules=["constant", "budget"], n_avg=[1, 2]),
+               quick=dict(n_edits=4, batch=48, reference_steps=200, budgets=[25, 50],
+                          schedules=["reference", "descending"], step_rules=["constant", "budget"],
+                          n_avg=[1])),
 ]}
 
 

@@ -1,0 +1,155 @@
+"""`dds eval schedules`: which timestep schedule, step rule and noise averaging give the
+reference recipe's edit quality in fewer denoiser calls.
+
+Every setting edits the same held-out edits with the same seeds as the reference recipe (200
+steps, uniform t, constant lr); each is compared with it edit by edit on the compared metrics
+(position-aware success, PSNR gain over "no edit", SSIM outside the edit) with 95% intervals.
+A setting *matches* the reference when no metric is worse outside its interval; at each budget
+of denoiser calls the winner is the matching setting with the highest success, then PSNR gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dds.eval import plots
+from dds.eval.floors import measure_floors
+from dds.eval.paired import compare
+from dds.eval.report import fmt, write_csv
+from dds.eval.runner import batches
+from dds.eval.world_edits import decode01
+from dds.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Setting:
+    schedule: str
+    step_rule: str
+    n_avg: int
+    steps: int
+
+    @property
+    def calls(self) -> int:
+        """Denoiser calls per edit (each a batch of the method's rows)."""
+        return self.steps * self.n_avg
+
+    @property
+    def curve(self) -> str:
+        avg = f", avg {self.n_avg}" if self.n_avg > 1 else ""
+        return f"{self.schedule}, {self.step_rule} lr{avg}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.schedule}-{self.step_rule}-n{self.n_avg}-s{self.steps}"
+
+
+def settings_of(p: dict) -> tuple[Setting, list[Setting]]:
+    """The reference recipe and every setting of the grid (budgets are denoiser calls)."""
+    ref = Setting("reference", "constant", 1, p["reference_steps"])
+    grid = [Setting(s, r, a, b // a) for s in p["schedules"] for r in p["step_rules"]
+            for a in p["n_avg"] for b in p["budgets"] if b // a >= 1]
+    return ref, [g for g in grid if g != ref]
+
+
+def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
+    from dds.loop import edit_latents
+
+    n = sl.stop - sl.start
+    cfg = ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps)
+    z = edit_latents(ctx.model, es.z_hat[sl], es.cond_source[sl], es.cond_target[sl], cfg,
+                     on_step=lambda info: bar.update(n * s.n_avg),
+                     seeds=[ctx.seed + sl.start + i for i in range(n)])
+    return es.score(decode01(ctx.model, z), sl)
+
+
+def matches(by_metric: dict) -> bool:
+    """No compared metric is worse than the reference outside its 95% interval."""
+    return not any(d["verdict"] == "reference better" for d in by_metric.values())
+
+
+def run_schedules(ctx, p: dict) -> dict:
+    es = ctx.editset(p["n_edits"])
+    n = len(es)
+    ref, grid = settings_of(p)
+    runner = ctx.runner({"experiment": "schedules", **p, "metrics": list(es.metrics),
+                         "edit_config": ctx.edit_cfg().to_json()})
+    total = sum(s.calls for s in [ref, *grid]) * n
+    bar = progress_bar(total, "schedules (edits x denoiser calls)", ctx.quiet, unit="call")
+    per = {}
+    for s in [ref, *grid]:
+        per[s] = runner.batches((s.key,), batches(n, p["batch"]),
+                                lambda sl, s=s: _edit(ctx, es, s, sl, bar),
+                                on_reuse=lambda sl, s=s: bar.update((sl.stop - sl.start) * s.calls))
+    bar.close()
+    floors = measure_floors(runner, ctx.model, es.source01, es.z_hat, es.score,
+                            batches(n, p["batch"]))
+    rows, paired = [], {}
+    for s in [ref, *grid]:
+        c = compare(per[s], per[ref], es.compared, es.kinds, ("setting", "reference"))["all"]
+        paired[s.key] = c
+        rows.append({"setting": s.key, "schedule": s.schedule, "step_rule": s.step_rule,
+                     "n_avg": s.n_avg, "steps": s.steps, "calls": s.calls,
+                     **{k: float(np.nanmean(v)) for k, v in per[s].items()},
+                     **{f"{m}_diff": c[m]["difference"] for m in es.compared},
+                     **{f"{m}_low": c[m]["low"] for m in es.compared},
+                     **{f"{m}_high": c[m]["high"] for m in es.compared},
+                     "matches_reference": s == ref or matches(c)})
+    summary = _summary(rows, ref, es)
+    summary["floors"] = {f: {k: float(np.mean(v)) for k, v in m.items()} for f, m in floors.items()}
+    write_csv(ctx.out / "schedules.csv", rows)
+    _plot(ctx, rows, ref, es, summary)
+    ctx.finish("schedules", p, rows, summary, _text(rows, ref, es, summary), ["schedules.png"],
+               runner, "Edit quality against denoiser calls, per timestep schedule", es=es)
+    return summary
+
+
+def _summary(rows: list[dict], ref: Setting, es) -> dict:
+    """The winner at each budget (calls): the matching setting with the most success, then the
+    most PSNR gain; None where nothing matches the reference."""
+    fid, gain = es.fidelity, "psnr_gain"
+    winners = {}
+    for calls in sorted({r["calls"] for r in rows if r["setting"] != ref.key}):
+        ok = [r for r in rows if r["calls"] == calls and r["setting"] != ref.key
+              and r["matches_reference"]]
+        best = max(ok, key=lambda r: (r[fid], r.get(gain, 0.0))) if ok else None
+        winners[str(calls)] = best["setting"] if best else None
+    fewest = next((int(c) for c, w in winners.items() if w is not None), None)
+    return {"reference": ref.key, "reference_calls": ref.calls, "winners": winners,
+            "fewest_calls_matching": fewest}
+
+
+def _plot(ctx, rows, ref: Setting, es, summary) -> None:
+    panels = [m for m in es.compared if m in rows[0]]
+    curves = {}
+    for m in panels:
+        for r in rows:
+            if r["setting"] == ref.key:
+                continue
+            label = f"{m}: {r['schedule']}, {r['step_rule']} lr" + (
+                f", avg {r['n_avg']}" if r["n_avg"] > 1 else "")
+            curves.setdefault(label, []).append((r["calls"], r[m]))
+    plots.curves_by_panel(ctx.out / "schedules.png", curves, panels,
+                          reference={m: (ref.calls, next(r[m] for r in rows
+                                                         if r["setting"] == ref.key))
+                                     for m in panels},
+                          xlabel="denoiser calls per edit",
+                          title=f"Quality vs denoiser calls ({len(es)} edits; star: the "
+                          "reference recipe)")
+
+
+def _text(rows, ref: Setting, es, summary) -> str:
+    lines = [f"Reference recipe: {ref.calls} calls. Each setting against it, edit by edit "
+             "(difference, 95% interval); 'matches' = no compared metric worse outside its "
+             "interval.\n",
+             "| setting | calls | " + " | ".join(es.compared) + " | matches |",
+             "| --- | --- | " + " | ".join("---" for _ in es.compared) + " | --- |"]
+    for r in rows:
+        cells = [f"{fmt(r[m])} ({fmt(r[m + '_diff'])} [{fmt(r[m + '_low'])}, "
+                 f"{fmt(r[m + '_high'])}])" for m in es.compared]
+        lines.append(f"| {r['setting']} | {r['calls']} | " + " | ".join(cells)
+                     + f" | {'yes' if r['matches_reference'] else 'no'} |")
+    win = ", ".join(f"{c} calls: {w or 'none matches'}" for c, w in summary["winners"].items())
+    lines.append(f"\nWinner at each budget: {win}.")
+    return "\n".join(lines)
