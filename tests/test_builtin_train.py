@@ -333,3 +333,35 @@ def test_warmup_cosine_and_ema_updates():
     assert float(ema.shadow["m"]["weight"]) == pytest.approx(0.9)
     ema.update({"m": lin}, 10_000)  # later ones at most `decay`
     assert float(ema.shadow["m"]["weight"]) == pytest.approx(1 - 0.1 * 0.999)
+
+
+def test_half_storage_halves_the_folder_and_loads_as_float32(full_run, tmp_path):
+    """fp16 storage: every weight file holds the float32 weights rounded to float16, and the
+    folder still loads as float32 modules, in dds and in the stock diffusers pipeline."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dds.models.stable_diffusion import StableDiffusionModel
+
+    _, model_dir, _ = full_run
+    half = tmp_path / "half"
+    shutil.copytree(model_dir, half)
+    T.store_half(half)
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        full, rounded = load_file(path), load_file(half / path.relative_to(model_dir))
+        assert rounded.keys() == full.keys()
+        for k, v in full.items():
+            assert rounded[k].dtype == torch.float16
+            assert torch.equal(rounded[k], v.half())
+        assert (half / path.relative_to(model_dir)).stat().st_size < 0.6 * path.stat().st_size
+    m = StableDiffusionModel(half, device="cpu")
+    assert {next(x.parameters()).dtype for x in (m.unet, m.vae, m.text_encoder)} == {torch.float32}
+    w = load_file(half / "unet" / "diffusion_pytorch_model.safetensors")
+    name, v = next(iter(w.items()))
+    assert torch.equal(m.unet.state_dict()[name], v.float())  # the stored value, upcast
+    pipe = StableDiffusionPipeline.from_pretrained(half)
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.isfinite(out.images).all()

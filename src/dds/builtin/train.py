@@ -731,8 +731,10 @@ def export_pipeline_folder(
     text_encoder,
     tokenizer,
     training: dict | None = None,
+    storage: str = "fp32",
 ) -> Path:
-    """Write a complete diffusers ``StableDiffusionPipeline`` folder (fp32 safetensors).
+    """Write a complete diffusers ``StableDiffusionPipeline`` folder (fp32 safetensors, or
+    with ``storage="fp16"`` the same weights rounded to half precision: `store_half`).
 
     The folder is assembled beside ``out_dir``, flushed to disk and swapped in at the end, so a
     reader never sees a half-written model (``dds.training.toolkit.staged_folder``; no manifest:
@@ -758,11 +760,32 @@ def export_pipeline_folder(
         # Also the classic vocab.json / merges.txt, for transformers releases whose
         # CLIPTokenizer does not read tokenizer.json.
         write_vocab_files(tmp / "tokenizer")
+        if storage not in ("fp32", "fp16"):
+            raise DDSError(f"storage '{storage}' is not one of fp32, fp16")
+        if storage == "fp16":
+            store_half(tmp)
         if training is not None:
             (tmp / "training.json").write_text(
                 json.dumps(training, indent=2, default=str) + "\n", encoding="utf-8"
             )
     return Path(out_dir)
+
+
+def store_half(folder: Path) -> None:
+    """Rewrite every safetensors file under `folder` with its float tensors in float16.
+
+    The configs are left as written (float32), so diffusers and transformers build float32
+    modules and upcast the stored weights: the folder loads anywhere as before, at half the
+    size, with each weight rounded to float16 (about 3 significant digits)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(half, path, metadata=meta)
 
 
 def folder_size_mb(folder: Path) -> float:
@@ -874,7 +897,8 @@ def _train_builtin(
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds_this_call": round(time.time() - t_start, 1),
     }
-    export_pipeline_folder(out_dir, vae, unet, text_encoder, tokenizer, training)
+    training["storage"] = cfg.storage
+    export_pipeline_folder(out_dir, vae, unet, text_encoder, tokenizer, training, cfg.storage)
     training["size_mb"] = round(folder_size_mb(out_dir), 2)
     atomic_write_text(out_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
