@@ -71,12 +71,14 @@ def test_batch_folder_and_job_list(tiny_sd, photo, tmp_path, capsys):
     code, err = run(capsys, *edit_args(tiny_sd, folder, "--source", "a", "--target", "b", "--out",
                                        tmp_path / "res"))
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["p0-dds.png", "p1-dds.png"]
+    # the edits, and their records (docs/scale.md)
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "manifest-0.jsonl", "p0-dds.png", "p1-dds.png"]
     jobs = tmp_path / "jobs.csv"
     jobs.write_text("image,source,target\nimgs/p0.png,a cat,a dog\nimgs/p1.png,a cat,a fox\n")
     code, err = run(capsys, *edit_args(tiny_sd, jobs, "--out", tmp_path / "res2"))
     assert code == 0, err
-    assert len(list((tmp_path / "res2").iterdir())) == 2
+    assert len(list((tmp_path / "res2").glob("*.png"))) == 2
     # --resume skips finished edits
     code, err = run(capsys, *edit_args(tiny_sd, jobs, "--out", tmp_path / "res2", "--resume"))
     assert code == 0 and "2 of 2 edits already written" in err

@@ -5,10 +5,11 @@ Every user error is one line on stderr and exit code 2; no traceback, no partial
 
 from __future__ import annotations
 
-import csv
 import importlib
-import json
+import os
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,8 @@ from dds.commands import DELEGATED, REGISTRY
 from dds.console import Parser, configure_process
 from dds.errors import DDSError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-LIST_SUFFIXES = {".csv", ".json", ".jsonl"}
 
-
-# ---- edit ---------------------------------------------------------------------------------
+# ---- edit ----------------------------------------------------------------------------------
 @dataclass
 class Job:
     image: Path
@@ -29,38 +27,9 @@ class Job:
     out: Path
 
 
-def _read_job_list(path: Path) -> list[dict]:
-    """Rows of {image, source, target[, out]} from a CSV, JSON list or JSON-lines file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DDSError(f"job list '{path}' cannot be read ({e})") from None
-    try:
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
-        elif path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
-    except (json.JSONDecodeError, csv.Error) as e:
-        raise DDSError(f"job list '{path}' is not valid {path.suffix[1:].upper()} ({e})") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise DDSError(f"job list '{path}' must hold a non-empty list of {{image, source, target}}")
-    bad = [f"job {i} lacks {' and '.join(repr(k) for k in ('image', 'target') if not r.get(k))}"
-           for i, r in enumerate(rows, 1) if not r.get("image") or not r.get("target")]
-    raise_all(bad, len(rows), f"in '{path}'")
-    return rows
-
-
-def raise_all(problems: list[str], total: int, where: str = "") -> None:
-    """One DDSError listing every bad job (a batch runs all or nothing), one line each."""
-    if problems:
-        head = f"{len(problems)} of {total} jobs {where} are invalid".replace("  ", " ")
-        raise DDSError(head + "; nothing was edited:\n  " + "\n  ".join(problems))
-
-
 def check_jobs(jobs: list[Job], method: str, check_image) -> list:
     """Every job's prompts and image checked; each problem names its job.  Returns the images."""
+    from dds.jobs.inputs import raise_all
     from dds.pipeline import check_prompts
 
     problems, images = [], []
@@ -87,39 +56,15 @@ def cli_words(e: DDSError) -> str:
 
 
 def collect_jobs(args) -> list[Job]:
+    """The one job of a single-image edit (a folder, a job list or world:N is a dataset:
+    `edit_dataset`)."""
     src = Path(args.input)
-    method = args.method or "dds"
-    suffix = f"-{method}.png"
-    if src.is_file() and src.suffix.lower() in LIST_SUFFIXES:
-        out_dir = Path(args.out or "dds-out")
-        jobs = []
-        for r in _read_job_list(src):
-            img = Path(r["image"])
-            img = img if img.is_absolute() else src.parent / img
-            out = Path(r["out"]) if r.get("out") else out_dir / (img.stem + suffix)
-            jobs.append(Job(img, r.get("source") or args.source, r["target"], out))
-    elif src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DDSError(f"folder '{src}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        out_dir = Path(args.out or f"{src.name}-{method}")
-        jobs = [Job(p, args.source, args.target, out_dir / (p.stem + suffix)) for p in files]
-    else:
-        out = Path(args.out) if args.out else Path(src.stem + suffix)
-        if out.suffix.lower() != ".png":
-            raise DDSError(f"output '{out}' must end in .png")
-        jobs = [Job(src, args.source, args.target, out)]
-    # Two jobs writing one file, or a job writing over an input, is refused up front.
-    seen: dict[Path, int] = {}
-    inputs = {j.image.resolve() for j in jobs}
-    for j in jobs:
-        key = j.out.resolve()
-        if key in seen:
-            raise DDSError(f"two edits would write '{j.out}'; give each job its own 'out'")
-        seen[key] = 1
-        if key in inputs and not args.overwrite:
-            raise DDSError(f"output '{j.out}' is an input image; choose another --out or add --overwrite")
-    return jobs
+    out = Path(args.out) if args.out else Path(src.stem + f"-{args.method or 'dds'}.png")
+    if out.suffix.lower() != ".png":
+        raise DDSError(f"output '{out}' must end in .png")
+    if out.resolve() == src.resolve() and not args.overwrite:
+        raise DDSError(f"output '{out}' is an input image; choose another --out or add --overwrite")
+    return [Job(src, args.source, args.target, out)]
 
 
 def _check_edit_args(args) -> None:
@@ -134,13 +79,19 @@ def _check_edit_args(args) -> None:
         raise DDSError(f"--save-every {args.save_every} is invalid: it must be a whole number > 0")
     if args.size is not None and args.size < 8:
         raise DDSError(f"--size {args.size} is invalid: the long side must be at least 8 pixels")
+    for flag in ("batch_size", "processes", "threads"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise DDSError(f"--{flag.replace('_', '-')} {v} is invalid: it must be a whole "
+                           "number >= 1")
 
 
 def edit_settings(args) -> dict:
     """The EditConfig fields the command line sets (None: the model's or the method's)."""
     return dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
                 seed=args.seed, source_guidance=args.source_guidance, n_max=args.n_max,
-                n_min=args.n_min, n_avg=args.n_avg, true_cfg=args.true_cfg or None)
+                n_min=args.n_min, n_avg=args.n_avg, true_cfg=args.true_cfg or None,
+                schedule=args.schedule, step_rule=args.step_rule)
 
 
 def _step_hook(pipe, args, job: Job, bar):
@@ -158,13 +109,30 @@ def _step_hook(pipe, args, job: Job, bar):
 
 
 def cmd_edit(args) -> int:
-    """Every job is checked (inputs, prompts, numbers) before the first edit runs; the edits
-    themselves are `EditPipeline.run`."""
+    """Every job is checked (inputs, prompts, numbers) before the first edit runs.  One image is
+    `EditPipeline.run`; a folder, a job list, an ImageFolder or world:N is a dataset
+    (`edit_dataset`)."""
+    from dds.jobs.inputs import is_dataset_input
+
+    if args.merge_manifests is not None:
+        return merge_manifests(args.merge_manifests)
+    if args.input is None:
+        raise DDSError("INPUT is missing: give an image, a folder, a .csv/.json/.jsonl job list, "
+                       "an ImageFolder (metadata.jsonl) or world:N")
+    _check_edit_args(args)
+    if is_dataset_input(args.input) or args.export_jobs:
+        return edit_dataset(args)
+    if args.processes is not None and args.processes > 1:
+        raise DDSError("--processes splits a list of jobs over processes; one image is one edit")
+    return edit_one(args)
+
+
+def edit_one(args) -> int:
+    """A single image, as always: the step-by-step loop with its progress bar and previews."""
     from dds.pipeline import EditRequest, as_image, pipeline_for
 
-    _check_edit_args(args)
     jobs = collect_jobs(args)
-    # Cheap checks first, every job: a bad prompt or image costs no model load.
+    # Cheap checks first: a bad prompt or image costs no model load.
     images = check_jobs(jobs, args.method or "dds", as_image)
     todo = [(j, im) for j, im in zip(jobs, images, strict=True)
             if not (args.resume and j.out.exists())]
@@ -210,6 +178,222 @@ def _run_jobs(pipe, args, prepared: list, total: int) -> int:
     return 0
 
 
+# ---- edit: datasets (dds.jobs) -----------------------------------------------------------------
+def _say(text: str) -> None:
+    print(f"dds: {text}", file=sys.stderr)
+
+
+@contextmanager
+def _threads(n: int | None):
+    """torch's intra-op thread count for the length of a run (--threads), then the old one."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _job_options(args):
+    from dds.jobs.inputs import Columns, JobOptions
+
+    cols = Columns(image=args.image_column, source=args.source_column,
+                   target=args.target_column or "target", out=args.out_column or "out",
+                   seed=args.seed_column or "seed", truth=args.truth_column or "truth")
+    return JobOptions(source=args.source, target=args.target, method=args.method or "dds",
+                      out=args.out, seed=args.seed or 0, overwrite=args.overwrite, columns=cols)
+
+
+def _run_settings(args):
+    from dds.jobs.run import RunSettings
+
+    settings = {k: v for k, v in edit_settings(args).items() if k != "seed"}
+    return RunSettings(settings=settings, size=args.size, crop=args.crop, model=args.model,
+                       precision=args.precision, seed=args.seed or 0,
+                       save_every=args.save_every)
+
+
+def edit_dataset(args) -> int:
+    """Many jobs: checked up front, then edited in batches by one or more processes, each
+    finished or failed job recorded in the manifest beside the outputs (docs/scale.md).  Exit
+    code 0: every job succeeded; 1: some failed (their sentences are in the manifest)."""
+    from dds.jobs import launch as L
+    from dds.jobs.inputs import export_world, read_jobs
+    from dds.jobs.manifest import read_records
+    from dds.jobs.run import check_same_request, pending
+    from dds.pipeline import check_prompts
+
+    opts = _job_options(args)
+    if args.export_jobs:
+        if not args.input.startswith("world:"):
+            raise DDSError("--export-jobs writes the jobs of world:N as an ImageFolder; give "
+                           "INPUT world:N (other inputs are already files)")
+        folder = export_world(args.input, args.export_jobs, opts)
+        _say(f"wrote the jobs of {args.input} to '{folder}' (images/, truth/, metadata.jsonl); "
+             f"edit them with `dds edit {folder}`")
+        return 0
+    if args.save_every is not None and (args.batch_size or 1) > 1:
+        raise DDSError("--save-every shows each step of the step-by-step loop, which edits one "
+                       "image at a time; drop --batch-size or --save-every")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and args.processes is not None and args.processes > 1:
+        raise DDSError("--processes starts local processes itself; under accelerate launch "
+                       "(or torchrun) leave it out")
+    worker = L.is_worker()
+    jl = read_jobs(args.input, opts, check_prompts)
+    run = _run_settings(args)
+    records = read_records(jl.out_dir)
+    if args.resume:
+        check_same_request(jl, records, run.request())
+    left = pending(jl, records, args.resume, args.skip_failed)
+    main_ui = not worker and not (launched and int(os.environ.get("RANK", "0")) != 0)
+    already = left.done + len(left.recovered)
+    if main_ui and already:
+        _say(f"resuming: {already} of {len(jl.jobs)} edits already written")
+    if main_ui and left.failed_left:
+        _say(f"leaving {left.failed_left} failed edits alone (--skip-failed)")
+    if not left.todo:  # nothing left to edit: no model is needed
+        if not main_ui:
+            return 0
+        if left.recovered:
+            from dds.jobs.manifest import ShardWriter, shard_path
+            from dds.jobs.run import recover
+
+            recover(left.recovered, jl, ShardWriter(shard_path(jl.out_dir, 0)))
+        return _finish(jl, None, quiet=True)
+    if not launched and not worker and (args.processes or 1) > 1:
+        return _launch_local(args, jl, left, run)
+    return _run_rank(args, jl, left, run, show=main_ui, worker=worker)
+
+
+def _launch_local(args, jl, left, run) -> int:
+    """--processes N: the same command in N processes (accelerate's launcher); this process
+    shows the one bar and reads the manifests for the summary and the exit code."""
+    import torch
+
+    from dds.jobs import launch as L
+    from dds.jobs.manifest import ShardWriter, shard_path
+    from dds.jobs.run import Progress, recover
+
+    n = args.processes
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    if not cpu and (args.device is None or args.device == "cuda") and n > torch.cuda.device_count():
+        raise DDSError(f"--processes {n} needs {n} GPUs and {torch.cuda.device_count()} are "
+                       "visible; one process per GPU (or --device cpu)")
+    if args.model is not None:  # a missing model is one sentence here, not one per worker
+        from dds.models.stable_diffusion import resolve_model_dir
+
+        resolve_model_dir(args.model)
+    threads = args.threads or max(1, L.cpu_count() // n)
+    if left.recovered:
+        recover(left.recovered, jl, ShardWriter(shard_path(jl.out_dir, 0)))
+    progress = Progress(jl.out_dir, len(left.todo), quiet=args.quiet).start()
+    since = time.time()
+    try:
+        L.launch(n, L.strip_option(args.argv[1:], "--processes"), threads, cpu)
+    except Exception as e:  # a worker stopped early; what it recorded stays
+        progress.stop()
+        if type(e).__name__ == "SignalException":  # torch.distributed.run got Ctrl-C or a kill
+            return _interrupted(progress)
+        codes = {getattr(f, "exitcode", None) for f in getattr(e, "failures", {}).values()}
+        if 2 in codes:  # a problem the workers found before editing (their sentence is above)
+            _say("the worker processes stopped on the error above; nothing more was edited")
+            return 2
+        _say(f"a worker process failed ({type(e).__name__}; its message is above); "
+             f"{progress.ok} edits were written in this run; rerun with --resume to finish "
+             "the rest")
+        return 1
+    except KeyboardInterrupt:
+        progress.stop()
+        return _interrupted(progress)
+    progress.stop()
+    return _finish(jl, since)
+
+
+def _interrupted(progress) -> int:
+    _say(f"interrupted: {progress.ok} edits written in this run; rerun with --resume to finish "
+         "the rest")
+    return 130
+
+
+def _run_rank(args, jl, left, run, show: bool, worker: bool) -> int:
+    """This process's share (all of it when alone): plan, edit, record; the main process shows
+    the bar over every process and prints the summary."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    from dds.jobs.manifest import ShardWriter, shard_path
+    from dds.jobs.plan import default_batch_size, make_batches, shard, working_size
+    from dds.jobs.run import Progress, ShardRunner, recover
+    from dds.pipeline import pipeline_for, size_multiple
+
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu, timeout=timedelta(days=7))
+    rank, n = state.process_index, state.num_processes
+    device = args.device or (str(state.device) if state.device.type == "cuda" else None)
+    with _threads(args.threads):
+        pipe = pipeline_for(args.model, dtype=args.precision, device=device)
+        pipe.config(**run.settings)  # settings the model's defaults make invalid: refused once
+        long_side = pipe.check_size(args.size)
+        multiple, scale = size_multiple(pipe.model), int(pipe.model.vae_scale_factor)
+        sizes = [working_size(j.size, long_side, multiple, args.crop) for j in jl.jobs]
+        b = 1 if args.save_every else args.batch_size or default_batch_size(
+            pipe.model.device.type, (long_side // scale) ** 2)
+        mine = shard(make_batches(jl.jobs, sizes, b), rank, n)
+        writer = ShardWriter(shard_path(jl.out_dir, rank))
+        if rank == 0 and left.recovered and not worker:
+            recover(left.recovered, jl, writer)
+        progress = Progress(jl.out_dir, len(left.todo), quiet=args.quiet or not show)
+        if show:
+            progress.start()
+        runner = ShardRunner(pipe, jl, run, writer, rank=rank, processes=n,
+                             warn=lambda m: _say(f"warning: {m}"))
+        since = time.time()
+        try:
+            runner.run(mine, todo={j.key for j in left.todo})
+        except KeyboardInterrupt:
+            progress.stop()
+            return _interrupted(progress) if show else 130
+        state.wait_for_everyone()
+        progress.stop()
+    if worker:
+        return 0
+    return _finish(jl, since, quiet=not show)
+
+
+def _finish(jl, since: float | None, quiet: bool = False) -> int:
+    """The summary (counts, rate, mean metrics) and the exit code: 0 when every job has
+    succeeded, else 1.  since: the run's start (Unix time)."""
+    from dds.jobs.manifest import OK, read_records
+    from dds.jobs.run import summary
+
+    records = read_records(jl.out_dir)
+    if not quiet:
+        for line in summary(records, jl, since):
+            print(line, file=sys.stderr)
+    ok = all(records.get(j.key, {}).get("status") == OK for j in jl.jobs)
+    return 0 if ok else 1
+
+
+def merge_manifests(folder: str) -> int:
+    """--merge-manifests OUT: every shard of OUT into OUT/manifest.jsonl, latest record per job."""
+    from dds.jobs.manifest import manifest_files, merge, summarise
+
+    out = Path(folder)
+    if not manifest_files(out):
+        raise DDSError(f"'{out}' holds no manifest (manifest.jsonl or manifest-<rank>.jsonl); "
+                       "give the output folder of a dds edit run")
+    path, recs = merge(out)
+    s = summarise(recs.values())
+    _say(f"merged {len(recs)} job records into '{path}': {s['ok']} ok, {s['failed']} failed")
+    return 0
+
+
 METHOD_NAMES = ("dds", "sds", "flowedit")  # dds.methods.METHODS (kept here: no torch for --help)
 
 
@@ -219,8 +403,13 @@ def add_edit_parser(sub) -> None:
         help="edit images with DDS (or SDS, FlowEdit) towards a target prompt",
         description=(
             "Zero-shot text-driven editing (Delta Denoising Score, Section 3 of the paper). "
-            "INPUT is an image, a folder of images (same prompts for all), or a CSV/JSON/JSONL "
-            "list of jobs with columns image, source, target (and optionally out). Defaults "
+            "INPUT is an image, a folder of images (same prompts for all), a CSV/JSON/JSONL "
+            "list of jobs with columns image, source, target (and optionally out, seed, truth), "
+            "a Hugging Face ImageFolder (metadata.jsonl: file_name, text), or world:N[:SEED] "
+            "(edits of the procedural world, whose exact truth gives metrics). Many jobs are "
+            "edited in batches, over processes with --processes N or `accelerate launch -m dds "
+            "edit`, each recorded in manifest-<rank>.jsonl beside the outputs (docs/scale.md). "
+            "Defaults "
             "are the reference recipe (SGD lr 0.1, loss x2000 per 64x64 latent, 200 steps, "
             "guidance 7.5), or the settings a model family or folder recommends "
             "(dds_edit_defaults.json); FlowEdit's are its published ones. The model's family "
@@ -229,7 +418,8 @@ def add_edit_parser(sub) -> None:
         epilog="example: dds edit cat.png --source 'a photo of a cat' --target 'a photo of a "
         "lion' --model ./stable-diffusion-v1-5 --out lion.png",
     )
-    p.add_argument("input", metavar="INPUT", help="image file, folder, or .csv/.json/.jsonl job list")
+    p.add_argument("input", metavar="INPUT", nargs="?",
+                   help="image file, folder, .csv/.json/.jsonl job list, ImageFolder or world:N")
     p.add_argument("--source", help="caption of the input image (required for DDS)")
     p.add_argument("--target", help="caption of the edited image")
     p.add_argument("--model", help="diffusers model folder or cached model id (default: built-in)")
@@ -248,8 +438,14 @@ def add_edit_parser(sub) -> None:
     p.add_argument("--n-avg", type=int, help="FlowEdit: noise draws averaged per step (default 1)")
     p.add_argument("--true-cfg", action="store_true", help="guidance-distilled models (FLUX.1-dev):"
                    " classifier-free guidance with an unconditional branch (2x the model calls)")
+    p.add_argument("--schedule", choices=["reference", "descending", "stratified"],
+                   help="DDS/SDS noise levels over the steps: reference (uniform every step, "
+                   "the default), descending, or stratified (docs/evidence.md, 'Fewer steps')")
+    p.add_argument("--step-rule", choices=["constant", "budget"],
+                   help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
-    p.add_argument("--seed", type=int, help="random seed for t and noise (default 0)")
+    p.add_argument("--seed", type=int, help="random seed for t and noise (default 0); for many "
+                   "jobs the base of each job's own seed (docs/scale.md)")
     p.add_argument("--size", type=int, help="working long side in pixels (default: the model's)")
     p.add_argument("--crop", action="store_true", help="centre-crop to a square first")
     p.add_argument("--out", help="output PNG (single image) or folder (batch)")
@@ -258,8 +454,29 @@ def add_edit_parser(sub) -> None:
                    help="UNet/text-encoder precision (auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
-    p.add_argument("--resume", action="store_true", help="skip edits whose output already exists")
+    p.add_argument("--resume", action="store_true", help="skip edits already written (for many "
+                   "jobs: recorded as done in the manifest, whatever the number of processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("many jobs (a folder, a job list, an ImageFolder, world:N)")
+    g.add_argument("--batch-size", type=int, metavar="B", help="edits of one working size per "
+                   "denoiser call (default: 8 on a GPU at SD1.5's 64x64 latents, fewer for "
+                   "larger ones; on a CPU 8 for small models like the built-in one, else 1)")
+    g.add_argument("--processes", type=int, metavar="N", help="split the jobs over N local "
+                   "processes (accelerate's launcher; one per GPU); the outputs do not depend on N")
+    g.add_argument("--threads", type=int, metavar="T", help="CPU threads per process (default: "
+                   "torch's, or the CPU count divided by --processes)")
+    g.add_argument("--skip-failed", action="store_true",
+                   help="with --resume, leave jobs that failed before (default: retry them)")
+    g.add_argument("--merge-manifests", metavar="OUT", help="merge OUT's manifest-<rank>.jsonl "
+                   "shards into OUT/manifest.jsonl (latest record per job) and stop")
+    g.add_argument("--export-jobs", metavar="FOLDER", help="write world:N's jobs as an ImageFolder"
+                   " (images, exact truth, metadata.jsonl) and stop")
+    for name, default in (("image", "image; ImageFolder: file_name"),
+                          ("source", "source; ImageFolder: text"), ("target", "target"),
+                          ("out", "out"), ("seed", "seed"), ("truth", "truth")):
+        g.add_argument(f"--{name}-column", metavar="NAME",
+                       help=f"column of a job list or ImageFolder holding the {name} "
+                       f"(default: {default})")
     p.set_defaults(func=cmd_edit)
 
 
@@ -285,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except DDSError as e:

@@ -15,8 +15,8 @@ MAX_PIXELS = 40_000_000  # larger images are refused as possible decompression b
 MIN_SIDE = 8
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, refusing anything that is not a readable, sane image."""
+def check_image_file(path: str | Path) -> Path:
+    """One sentence for a path that cannot hold an image: missing, a folder, or empty."""
     path = Path(path)
     if not path.exists():
         raise DDSError(f"input '{path}' does not exist; check the path")
@@ -24,6 +24,12 @@ def load_image(path: str | Path) -> Image.Image:
         raise DDSError(f"input '{path}' is a folder where an image file was expected")
     if path.stat().st_size == 0:
         raise DDSError(f"input '{path}' is an empty file; give a PNG or JPEG image")
+    return path
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, refusing anything that is not a readable, sane image."""
+    path = check_image_file(path)
     # Image.open reads only the header, so the declared size is refused before any decoding.
     # No process-wide setting is touched (two edits may load images at once); PIL's own
     # DecompressionBombError only fires far above MAX_PIXELS.
