@@ -397,6 +397,24 @@ def merge_manifests(folder: str) -> int:
 METHOD_NAMES = ("dds", "sds", "flowedit")  # dds.methods.METHODS (kept here: no torch for --help)
 
 
+def add_method_options(p) -> None:
+    """The methods' own options: FlowEdit's, guidance-distilled models', DDS/SDS schedules."""
+    p.add_argument("--source-guidance", type=float,
+                   help="guidance of the source branch (DDS, FlowEdit; default: --guidance, "
+                   "FlowEdit: its published value)")
+    p.add_argument("--n-max", type=int, help="FlowEdit: run the last N of the T steps")
+    p.add_argument("--n-min", type=int, help="FlowEdit: of those, sample the target alone for "
+                   "the last N (default 0)")
+    p.add_argument("--n-avg", type=int, help="noise draws averaged per step (default 1)")
+    p.add_argument("--true-cfg", action="store_true", help="guidance-distilled models (FLUX.1-dev):"
+                   " classifier-free guidance with an unconditional branch (2x the model calls)")
+    p.add_argument("--schedule", choices=["reference", "descending", "stratified"],
+                   help="DDS/SDS noise levels over the steps: reference (uniform every step, "
+                   "the default), descending, or stratified (docs/evidence.md, 'Fewer steps')")
+    p.add_argument("--step-rule", choices=["constant", "budget"],
+                   help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
+
+
 def add_edit_parser(sub) -> None:
     p = sub.add_parser(
         "edit",
@@ -429,20 +447,7 @@ def add_edit_parser(sub) -> None:
                    help="optimisation steps (default 200); FlowEdit: its schedule's T")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5); "
                    "FLUX.1-dev: its guidance input")
-    p.add_argument("--source-guidance", type=float,
-                   help="guidance of the source branch (DDS, FlowEdit; default: --guidance, "
-                   "FlowEdit: its published value)")
-    p.add_argument("--n-max", type=int, help="FlowEdit: run the last N of the T steps")
-    p.add_argument("--n-min", type=int, help="FlowEdit: of those, sample the target alone for "
-                   "the last N (default 0)")
-    p.add_argument("--n-avg", type=int, help="FlowEdit: noise draws averaged per step (default 1)")
-    p.add_argument("--true-cfg", action="store_true", help="guidance-distilled models (FLUX.1-dev):"
-                   " classifier-free guidance with an unconditional branch (2x the model calls)")
-    p.add_argument("--schedule", choices=["reference", "descending", "stratified"],
-                   help="DDS/SDS noise levels over the steps: reference (uniform every step, "
-                   "the default), descending, or stratified (docs/evidence.md, 'Fewer steps')")
-    p.add_argument("--step-rule", choices=["constant", "budget"],
-                   help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
+    add_method_options(p)
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.1)")
     p.add_argument("--seed", type=int, help="random seed for t and noise (default 0); for many "
                    "jobs the base of each job's own seed (docs/scale.md)")
