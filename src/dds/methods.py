@@ -68,7 +68,7 @@ def draw_t_eps(gens: list[torch.Generator], shape: tuple[int, ...], cfg):
     """One noise-level index and one eps per edit, each from that edit's own generator (so a
     batch of edits equals the same edits run one by one).  Drawn on the CPU: identical on
     every device.  -> (B,) long indices in [t_min, t_max - 1), (B,C,h,w)."""
-    t = torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
+    t = uniform_levels(0, cfg.steps, gens, cfg)
     eps = torch.stack([torch.randn(shape, generator=g) for g in gens])
     return t, eps
 
