@@ -158,10 +158,21 @@ def _shown(page, selector: str) -> dict:
                 fit: cs.objectFit, rendering: cs.imageRendering}; }""", selector)
 
 
-def _fill(page, elem_id: str, value) -> None:
+def _fill(page, elem_id: str, value, shows=None) -> None:
+    """Type `value` into a field and make sure the page kept it (or shows `shows`, for a
+    value the field clamps).  Gradio's frontend can put
+    a component's previous value back when an unrelated update re-renders it right after
+    typing (seen on a loaded machine), so the value is read back after two frames and typed
+    again if it did not stick."""
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range])").first
-    box.fill(str(value))
-    box.press("Tab")  # commit the value (number fields update on blur)
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Tab")  # commit the value (number fields update on blur)
+        page.evaluate("() => new Promise(r => requestAnimationFrame("
+                      "() => requestAnimationFrame(() => setTimeout(r, 100))))")
+        if box.input_value() == str(value if shows is None else shows):
+            return
+    raise AssertionError(f"#{elem_id} did not keep {value!r}: it shows {box.input_value()!r}")
 
 
 def _wait_state(page, states: tuple[str, ...], min_step: int = 0) -> dict:
@@ -319,7 +330,7 @@ def test_numbers_are_bounded_and_refusals_are_one_sentence(page):
     page.click("#dds-seed-random")  # any status left over goes at the next action
     # Steps: the field is a slider bounded by the library's range.
     assert page.locator("#dds-steps input[type=range]").get_attribute("max") == "5000"
-    _fill(page, "dds-steps", 1_000_000_000)
+    _fill(page, "dds-steps", 1_000_000_000, shows=5000)  # clamped on blur
     page.click("#dds-run")
     state = _wait_state(page, ("refused", "running"))
     if state["state"] == "refused":  # the value reached the server: refused, naming Steps
