@@ -17,7 +17,14 @@ from PIL import Image
 from dds.cli import main
 from dds.errors import DDSError
 from dds.translate.data import FolderSources, TaskTable, WorldSources, load_tasks, parse_task
-from dds.translate.train import TrainConfig, guidance, lambda_id, latest_good, train
+from dds.translate.train import (
+    TrainConfig,
+    guidance,
+    lambda_id,
+    latest_good,
+    train,
+    train_levels,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -120,6 +127,31 @@ def test_schedules():
     assert 1.0 < guidance(25, cfg, 7.5) < 7.5
     no_warmup = TrainConfig(steps=101, guidance_warmup=0.0)
     assert guidance(0, no_warmup, 7.5) == 7.5
+
+
+def test_timestep_schedules_of_the_trainer():
+    lo, hi = 50, 949  # t in [t_min, t_max - 1)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    # uniform: the paper's i.i.d. draw, exactly torch.randint's
+    cfg = TrainConfig(steps=100, t_min=lo, t_max=hi + 1)
+    assert torch.equal(train_levels(g(), cfg, 7, 16), torch.randint(lo, hi, (16,), generator=g()))
+    # stratified: the batch's 8 samples fall one in each eighth of the range
+    cfg = TrainConfig(steps=100, t_min=lo, t_max=hi + 1, t_schedule="stratified")
+    for seed in range(5):
+        t = train_levels(torch.Generator().manual_seed(seed), cfg, 0, 8)
+        strata = ((t - lo) * 8 // (hi - lo)).sort().values
+        assert strata.tolist() == list(range(8)), t
+    # descending: the first tenth of the run draws from the noisiest tenth, the last from
+    # the least noisy; the windows fall step by step
+    cfg = TrainConfig(steps=100, t_min=lo, t_max=hi + 1, t_schedule="descending")
+    width = (hi - lo) / 10
+    first, last = train_levels(g(), cfg, 0, 64), train_levels(g(), cfg, 99, 64)
+    assert first.min() >= lo + 9 * width - 1 and first.max() < hi
+    assert last.min() >= lo and last.max() < lo + width
+    means = [float(train_levels(g(), cfg, s, 64).float().mean()) for s in range(0, 100, 10)]
+    assert all(a > b for a, b in zip(means, means[1:], strict=False)), means
+    with pytest.raises(DDSError, match="t-schedule"):
+        TrainConfig(t_schedule="sometimes")
 
 
 # ---- training, checkpoints, resume ------------------------------------------------------------

@@ -81,9 +81,9 @@ def uniform_levels(i: int, steps: int, gens: list[torch.Generator], cfg) -> Tens
     return torch.stack([torch.randint(cfg.t_min, cfg.t_max - 1, (), generator=g) for g in gens])
 
 
-def _strata(i: int, steps: int, gens: list[torch.Generator], cfg) -> Tensor:
-    """A uniform draw inside stratum i of `steps` equal strata of [t_min, t_max - 1), where
-    stratum 0 is the noisiest: a descending schedule with the reference's range and spread."""
+def stratum_levels(i, steps: int, gens: list[torch.Generator], cfg) -> Tensor:
+    """A uniform draw inside stratum i (an int, or (B,) one per generator) of `steps` equal
+    strata of [t_min, t_max - 1), where stratum 0 is the noisiest."""
     lo, hi = cfg.t_min, cfg.t_max - 1
     u = torch.stack([torch.rand((), generator=g) for g in gens])
     pos = (steps - 1 - i + u) / steps  # in [0, 1), high first
@@ -94,7 +94,7 @@ def descending_levels(i, steps, gens, cfg) -> Tensor:
     """Noise levels that fall from t_max to t_min over the edit, one random level inside each
     of `steps` equal strata (DreamTime, HiFA, DreamCatalyst: coarse structure first, detail
     last; the stratum keeps the reference's spread)."""
-    return _strata(i, steps, gens, cfg)
+    return stratum_levels(i, steps, gens, cfg)
 
 
 def stratified_levels(i, steps, gens, cfg) -> Tensor:
@@ -102,7 +102,7 @@ def stratified_levels(i, steps, gens, cfg) -> Tensor:
     every edit and seed): less variance than i.i.d. draws, no annealing, which separates the
     strata's effect from the descending order's."""
     order = torch.randperm(steps, generator=torch.Generator().manual_seed(steps))
-    return _strata(int(order[i]), steps, gens, cfg)
+    return stratum_levels(int(order[i]), steps, gens, cfg)
 
 
 TIMESTEP_SCHEDULES = {"reference": uniform_levels, "descending": descending_levels,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dds.errors import DDSError
-from dds.methods import SCORES, get_method
+from dds.methods import SCORES, get_method, stratum_levels
 from dds.models.base import Conditioning
 from dds.training.toolkit import (
     CsvLog,
@@ -64,6 +64,13 @@ RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_
 
 
 TRAIN_GUIDANCE = 7.5  # the final guidance of the warm-up when none is given
+# How the trainer draws each sample's t (the zero-shot schedules of `dds.methods`, carried
+# over to training): "uniform", the paper's i.i.d. draw; "stratified", a batch's B samples one
+# in each of B equal strata of [t_min, t_max - 1) (less variance, same distribution);
+# "descending", a window of a tenth of the range that slides from the noisiest tenth to the
+# least noisy over the run (DreamTime's coarse-to-fine order).
+TRAIN_T_SCHEDULES = ("uniform", "stratified", "descending")
+DESCENDING_WINDOWS = 10
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -89,6 +96,7 @@ class TrainConfig:
     lambda_id_end: float = 0.01
     t_min: int = 50
     t_max: int = 950
+    t_schedule: str = "uniform"  # how t is drawn: TRAIN_T_SCHEDULES
     residual: bool = True
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
@@ -121,6 +129,8 @@ class TrainConfig:
             bad("guidance_warmup", "it is a fraction of the steps, between 0 and 1")
         if self.score not in SCORES:
             bad("score", "use one of " + ", ".join(repr(m) for m in SCORES))
+        if self.t_schedule not in TRAIN_T_SCHEDULES:
+            bad("t_schedule", "use one of " + ", ".join(repr(m) for m in TRAIN_T_SCHEDULES))
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             bad("mixed_precision", "use 'no', 'fp16' or 'bf16'")
         if self.on_bad_data not in ("skip", "error"):
@@ -257,9 +267,21 @@ def _val_grid(net, cache, table, pool, device, n: int) -> np.ndarray:
     return (img.numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def _draw(rng: np.random.Generator, cfg: TrainConfig, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def train_levels(g: torch.Generator, cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
+    """The n samples' t at optimiser `step` under `cfg.t_schedule` -> (n,) long in
+    [t_min, t_max - 1)."""
+    if cfg.t_schedule == "uniform":
+        return torch.randint(cfg.t_min, cfg.t_max - 1, (n,), generator=g)
+    if cfg.t_schedule == "stratified":
+        return stratum_levels(torch.randperm(n, generator=g), n, [g] * n, cfg)
+    window = min(step * DESCENDING_WINDOWS // cfg.steps, DESCENDING_WINDOWS - 1)
+    return stratum_levels(window, DESCENDING_WINDOWS, [g] * n, cfg)
+
+
+def _draw(rng: np.random.Generator, cfg: TrainConfig, shape,
+          step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    t = torch.randint(cfg.t_min, cfg.t_max - 1, (shape[0],), generator=g)
+    t = train_levels(g, cfg, step, shape[0])
     eps = torch.randn(shape, generator=g)
     return t, eps
 
@@ -410,7 +432,7 @@ def _step(job: _Job, cfg: TrainConfig, accelerator, cache: _Cache, step: int,
         k = torch.tensor([kk for kk, _, _ in batch], device=device)  # (B,)
         source = cache.prompts([job.pool.captions[i] for _, i, _ in batch], device)
         target = cache.prompts([y for _, _, y in batch], device)
-        t, eps = _draw(rng, cfg, z_hat.shape)
+        t, eps = _draw(rng, cfg, z_hat.shape, step)
         t, eps = t.to(device), eps.to(device)
         cond = method.conditioning(uncond.expand(len(batch)), source, target)
         sync = micro == cfg.grad_accum - 1
@@ -564,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-id-end", type=float, default=d.lambda_id_end)
     p.add_argument("--t-min", type=int, default=d.t_min)
     p.add_argument("--t-max", type=int, default=d.t_max)
+    p.add_argument("--t-schedule", choices=TRAIN_T_SCHEDULES, default=d.t_schedule,
+                   help="how each sample's t is drawn: uniform (the paper), stratified across "
+                   "the batch, or descending over the run")
     p.add_argument("--direct", action="store_true",
                    help="predict the edited latent directly instead of a residual")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
@@ -589,7 +614,7 @@ def config_from_args(a) -> TrainConfig:
         max_grad_norm=a.max_grad_norm, score=a.score, guidance_start=a.guidance_start,
         guidance_end=a.guidance_end, guidance_warmup=a.guidance_warmup,
         lambda_id_start=a.lambda_id_start, lambda_id_end=a.lambda_id_end, t_min=a.t_min,
-        t_max=a.t_max, residual=not a.direct, mixed_precision=a.mixed_precision, seed=a.seed,
+        t_max=a.t_max, t_schedule=a.t_schedule, residual=not a.direct, mixed_precision=a.mixed_precision, seed=a.seed,
         checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
         val_every=a.val_every, val_images=a.val_images, log_every=a.log_every, resume=a.resume,
         device="cpu" if a.cpu else None, quiet=a.quiet,
