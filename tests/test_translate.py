@@ -262,6 +262,20 @@ def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(translate_cfg,
         train(translate_cfg(trained, lr=1e-3, resume="latest"))
 
 
+def test_a_run_older_than_a_new_setting_resumes_with_its_default(translate_cfg, trained,
+                                                                 tmp_path):
+    import shutil
+
+    run = tmp_path / "older"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["t_schedule"]  # written before the trainer had the setting
+    (run / "config.json").write_text(json.dumps(saved))
+    assert train(translate_cfg(run, resume="latest")).is_dir()  # uniform: what it ran with
+    with pytest.raises(DDSError, match="different t-schedule"):
+        train(translate_cfg(run, t_schedule="descending", resume="latest"))
+
+
 # ---- inference ----------------------------------------------------------------------------
 @pytest.fixture
 def registered():

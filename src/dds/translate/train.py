@@ -58,8 +58,9 @@ from dds.training.toolkit import (
 MODEL = "model"
 LOG_FIELDS = ["step", "images", "lr", "guidance", "lambda_id", "dds_grad_norm", "id_mse",
               "loss_id", "grad_norm", "images_per_s", "seconds"]
-# Settings that may change when a run is resumed (they do not change what a step computes).
-RESUMABLE = {"steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_images",
+# Settings that may change when a run is resumed (they do not change what a step computes;
+# a run folder may also be moved).
+RESUMABLE = {"out", "steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_images",
              "log_every", "resume", "quiet", "device"}
 
 
@@ -333,7 +334,8 @@ def _start_point(cfg: TrainConfig, run: Path, voice: _Voice) -> Path | None:
         return None
     saved = run / "config.json"
     if saved.is_file():
-        old = json.loads(saved.read_text(encoding="utf-8"))
+        # a field the run's config predates holds its default (what the run computed with)
+        old = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8"))).to_dict()
         new = cfg.to_dict()
         diff = sorted(k for k in new if k not in RESUMABLE and old.get(k) != new[k])
         if diff:
