@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every measurement the project publishes about a built-in model release, in the order that
+# each one needs the one before (the editing defaults first: everything else edits with them).
+# Each stage resumes where it stopped, so after an interruption the same command continues:
+#
+#   scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]
+#
+# MODEL_FOLDER: an exported built-in model (e.g. runs/builtin-4/model); the chosen editing
+# defaults are written into it (dds_edit_defaults.json).  OUT_FOLDER: reports, plots, the five
+# translation runs and the demo; OUT_FOLDER/stages.log says when each stage started and ended.
+# --quick: the small presets and short translation runs (a check of the whole chain).
+# DDS (default .venv/bin/dds) picks the command; STAGES (default: all) a space-separated subset
+# of: defaults quality evidence translation demo.
+set -euo pipefail
+
+MODEL=${1:?usage: scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]}
+OUT=${2:?usage: scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]}
+QUICK=${3:-}
+DDS=${DDS:-.venv/bin/dds}
+STAGES=${STAGES:-defaults quality evidence translation demo}
+[ -d "$MODEL" ] || { echo "measure-release: no model folder '$MODEL'" >&2; exit 2; }
+case "$QUICK" in ""|--quick) ;; *) echo "measure-release: unknown option '$QUICK'" >&2; exit 2;; esac
+mkdir -p "$OUT"
+
+stage() {  # stage NAME COMMAND...: run unless OUT/NAME.done exists; log start and end
+    local name=$1; shift
+    case " $STAGES " in *" ${name%%/*} "*) ;; *) return 0;; esac
+    [ -e "$OUT/$name.done" ] && { echo "== $name: done before"; return 0; }
+    echo "$(date -u +%FT%TZ) start $name: $*" >> "$OUT/stages.log"
+    echo "== $name: $*"
+    "$@"
+    mkdir -p "$(dirname "$OUT/$name.done")" && touch "$OUT/$name.done"
+    echo "$(date -u +%FT%TZ) end   $name" >> "$OUT/stages.log"
+}
+
+if [ -n "$QUICK" ]; then
+    TRAIN=(--world-size 500 --steps 60 --checkpoint-every 20 --val-every 60); N=8
+else
+    TRAIN=(--world-size 5000 --steps 3000 --checkpoint-every 200 --val-every 200); N=32
+fi
+TASKS=(--task red:blue --task red:green --task red:yellow --task red:purple)
+
+translation() {  # translation NAME [trainer options]: train (resuming) and evaluate one network
+    local name=$1; shift
+    local run="$OUT/translation/$name" resume=()
+    [ -f "$run/config.json" ] && resume=(--resume latest)
+    [ -d "$run/model" ] || "$DDS" translate-train --model "$MODEL" --data world "${TASKS[@]}" \
+        "${TRAIN[@]}" --batch-size 8 --quiet --out "$run" "${resume[@]}" "$@"
+    local baselines=()
+    [ "$name" = full ] || baselines=(--baselines "")
+    "$DDS" translate-eval --model "$run" --n "$N" "${baselines[@]}" --out "$run/eval.json"
+}
+
+stage defaults "$DDS" eval builtin-defaults --model "$MODEL" --write $QUICK \
+    --out "$OUT/builtin-defaults"
+stage quality "$DDS" eval builtin-quality --model "$MODEL" $QUICK --out "$OUT/builtin-quality"
+stage evidence "$DDS" eval all --model "$MODEL" $QUICK --out "$OUT/evidence"
+stage translation/full translation full
+stage translation/no-warmup translation no-warmup --guidance-warmup 0
+stage translation/sds translation sds --score sds
+stage translation/t-stratified translation t-stratified --t-schedule stratified
+stage translation/t-descending translation t-descending --t-schedule descending
+stage demo "$DDS" demo --model "$MODEL" --out "$OUT/demo"
+echo "measure-release: every stage done; reports under $OUT"
