@@ -52,6 +52,26 @@ def test_edit_writes_png_with_settings(tiny_sd, photo, tmp_path, capsys):
     assert not np.array_equal(np.asarray(im), np.asarray(Image.open(photo).resize((32, 16))))
 
 
+def test_edit_options_of_the_schedule_and_optimizer_reach_the_edit(tiny_sd, photo, tmp_path,
+                                                                     capsys):
+    outs = {}
+    for name, extra in (("ref", []), ("adam", ["--optimizer", "adam", "--lr", "0.01",
+                                               "--schedule", "descending", "--n-avg", "2"])):
+        out = tmp_path / f"{name}.png"
+        code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a cat", "--target",
+                                           "a dog", "--size", "32", "--out", out, *extra))
+        assert code == 0, err
+        outs[name] = Image.open(out)
+    cfg = json.loads(outs["adam"].text["dds"])["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["schedule"], cfg["n_avg"]) == (
+        "adam", 0.01, "descending", 2)
+    assert json.loads(outs["ref"].text["dds"])["config"]["optimizer"] == "sgd"
+    assert not np.array_equal(np.asarray(outs["ref"]), np.asarray(outs["adam"]))
+    code, err = run(capsys, *edit_args(tiny_sd, photo, "--source", "a", "--target", "b",
+                                       "--method", "flowedit", "--optimizer", "adam"))
+    assert code == 2 and "no optimiser" in err and "Traceback" not in err
+
+
 def test_edit_cli_subprocess_reproducible(tiny_sd, photo, tmp_path):
     outs = []
     for name in ("a.png", "b.png"):

@@ -249,8 +249,10 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
     rows = {r["setting"]: r for r in rec["rows"]}
     assert set(rows) == {"reference-constant-n1-s4", "reference-constant-n1-s2",
                          "reference-constant-n2-s1", "descending-constant-n1-s2",
-                         "descending-constant-n2-s1"}
+                         "descending-constant-n2-s1", "reference-constant-n1-s2-adam0.01",
+                         "descending-constant-n1-s2-adam0.01"}  # the preset's Adam
     assert all(r["calls"] == 2 for k, r in rows.items() if not k.endswith("s4"))
+    assert rows["reference-constant-n1-s2-adam0.01"]["optimizer"] == "adam"
     ref = rows["reference-constant-n1-s4"]
     assert ref["psnr_gain_diff"] == 0 and ref["matches_reference"]
     # The first 2 of the reference's 4 steps are the reference schedule at 2 steps: its paired
@@ -267,6 +269,12 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
                                    step_rules=["budget"], n_avg=[1, 2]))
     assert ref_s == Setting("reference", "constant", 1, 200)
     assert [(g.steps, g.n_avg, g.calls) for g in grid] == [(50, 1, 50), (25, 2, 50)]
+    _, grid = settings_of(dict(reference_steps=200, budgets=[25, 50], schedules=["reference"],
+                               step_rules=["constant"], n_avg=[1], optimizers={"adam": 0.01}))
+    assert [g.key for g in grid] == ["reference-constant-n1-s25", "reference-constant-n1-s50",
+                                     "reference-constant-n1-s25-adam0.01",
+                                     "reference-constant-n1-s50-adam0.01"]
+    assert grid[-1].curve == "reference, constant lr, adam lr 0.01" and grid[-1].calls == 50
 
 
 def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):

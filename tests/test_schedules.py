@@ -104,22 +104,60 @@ def test_budget_rule_travels_as_far_as_the_reference():
     assert EditConfig(steps=50).step_per_element == ref.step_per_element
 
 
-@pytest.mark.parametrize("field, value", [("schedule", "cosine"), ("step_rule", "adam")])
+@pytest.mark.parametrize("field, value", [("schedule", "cosine"), ("step_rule", "adam"),
+                                          ("optimizer", "lbfgs")])
 def test_unknown_options_are_refused(field, value):
     with pytest.raises(SettingError) as e:
         EditConfig(**{field: value})
     assert e.value.field == field and "use one of" in str(e.value)
 
 
-@pytest.mark.parametrize("schedule", ["descending", "stratified"])
-def test_fast_path_runs_the_schedules(tiny_backend, schedule):
+def test_flowedit_has_no_optimizer():
+    with pytest.raises(SettingError, match="no optimiser") as e:
+        EditConfig(method="flowedit", optimizer="adam")
+    assert e.value.field == "optimizer"
+
+
+@pytest.mark.parametrize("name, make", [
+    ("momentum", lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9)),
+    ("adam", lambda p, lr: torch.optim.Adam([p], lr=lr)),
+])
+def test_optimizers_are_torch_optims_on_the_surrogate_loss(name, make):
+    """Each edit step equals torch.optim's step on the reference surrogate loss
+    scale * <z, sg(w(t) grad)>, run by hand with the same draws."""
+    model, z_hat = Linear(), torch.randn(2, 2, 2, 2)
+    cs, ct = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    cfg = EditConfig(steps=5, optimizer=name, lr=0.02, seed=4)
+    out = edit_latents(model, z_hat, cs, ct, cfg)
+    m, scale = DDS(), cfg.loss_scale / cfg.reference_area
+    gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+    cond = m.conditioning(model.uncond().expand(2, 1, 8), cs, ct, cfg)
+    z = z_hat.clone().requires_grad_(True)
+    opt = make(z, cfg.lr)
+    for i in range(cfg.steps):
+        d = m.draw(i, gens, (2, 2, 2), cfg, model.schedule)
+        with torch.no_grad():
+            g = m.grad(model.predict_eps, z, z_hat, cond, d.t, d.eps, model.schedule, 7.5)
+        opt.zero_grad()
+        (scale * (z * g).sum()).backward()
+        opt.step()
+    assert (out - z_hat).abs().max() > 1e-3
+    assert torch.allclose(out, z.detach(), atol=1e-6), (out - z).abs().max()
+    sgd = edit_latents(model, z_hat, cs, ct, EditConfig(steps=5, lr=0.02, seed=4))
+    assert (out - sgd).abs().max() > 1e-4  # a different path from plain SGD
+
+
+@pytest.mark.parametrize("schedule, optimizer", [("descending", "sgd"), ("stratified", "sgd"),
+                                                ("reference", "adam")])
+def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer):
     from dds.fast import FastEditor
 
     torch.manual_seed(0)
     z_hat = torch.randn(2, 4, 8, 8)
     cs = tiny_backend.encode_prompt(["a red circle", "a blue square"])
     ct = tiny_backend.encode_prompt(["a green circle", "a blue star"])
-    cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule="budget", seed=2)
+    cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule="budget", seed=2,
+                     optimizer=optimizer, lr=0.02 if optimizer == "adam" else 0.1)
     slow = edit_latents(tiny_backend, z_hat, cs, ct, cfg)
     fast = FastEditor(tiny_backend).edit(z_hat, cs, ct, cfg)
     assert (slow - z_hat).abs().max() > 1e-3

@@ -91,7 +91,7 @@ def edit_settings(args) -> dict:
     return dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
                 seed=args.seed, source_guidance=args.source_guidance, n_max=args.n_max,
                 n_min=args.n_min, n_avg=args.n_avg, true_cfg=args.true_cfg or None,
-                schedule=args.schedule, step_rule=args.step_rule)
+                schedule=args.schedule, step_rule=args.step_rule, optimizer=args.optimizer)
 
 
 def _step_hook(pipe, args, job: Job, bar):
@@ -413,6 +413,9 @@ def add_method_options(p) -> None:
                    "the default), descending, or stratified (docs/evidence.md, 'Fewer steps')")
     p.add_argument("--step-rule", choices=["constant", "budget"],
                    help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
+                   help="DDS/SDS optimiser of the latent: sgd (the reference, default), momentum "
+                   "(0.9) or adam (its --lr is a per-element step, e.g. 0.01)")
 
 
 def add_edit_parser(sub) -> None:

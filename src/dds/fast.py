@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dds.errors import DDSError
 from dds.loop import EditConfig, check_diverged, uses_embedded_guidance
-from dds.methods import Draw, get_method
+from dds.methods import Draw, get_method, optimizer_state
 from dds.models.base import Conditioning, expand_cond
 from dds.models.trace import TracedUNet
 
@@ -171,11 +171,12 @@ class FastEditor:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._traced(unet, x, t, cond)
 
-    def _eager_step(self, z, z_hat, cond, t, eps, weight, phase, method, schedule, cfg,
+    def _eager_step(self, z, z_hat, cond, t, eps, weight, phase, state, method, schedule, cfg,
                     embedded):
-        """One step of the method; returns the new z.  z, z_hat: (B,C,h,w)."""
+        """One step of the method; returns the new z.  z, z_hat: (B,C,h,w); `state`: the
+        optimiser's buffers (updated in place)."""
         d = Draw(t, eps, weight, phase)
-        return method.step(self._eps_fn, z, z_hat, cond, d, schedule, cfg, embedded)[0]
+        return method.step(self._eps_fn, z, z_hat, cond, d, schedule, cfg, embedded, state)[0]
 
     def _run_step(self, *args):
         if self.compile_mode is not None and self._compiled is None:
@@ -245,7 +246,9 @@ class FastEditor:
         return z
 
     def _loop(self, z, z_hat, cond, plan: _Plan, run):
-        if self.cuda_graphs and not any(plan.phases):  # one graph serves every step
+        cfg = run[2]
+        # one graph serves every step of a stateless step (SGD, no phases)
+        if self.cuda_graphs and not any(plan.phases) and cfg.optimizer == "sgd":
             try:
                 return self._edit_graphed(z, z_hat, cond, plan, run)
             except Exception as e:  # capture refused by some op: the eager loop is still right
@@ -255,9 +258,10 @@ class FastEditor:
                 )
                 self.cuda_graphs = False
                 z = z_hat.clone()
+        state = optimizer_state(cfg, z)
         for s, phase in enumerate(plan.phases):
             z = self._run_step(z, z_hat, cond, plan.t[s], plan.eps[s], plan.weight[s], phase,
-                               *run)
+                               state, *run)
         return z
 
     def _edit_graphed(self, z, z_hat, cond, plan: _Plan, run):
@@ -278,7 +282,7 @@ class FastEditor:
 
             def step():
                 return self._run_step(st["z"], st["z_hat"], st["cond"], st["t"], st["eps"],
-                                      st["weight"], 0, *run)
+                                      st["weight"], 0, {}, *run)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

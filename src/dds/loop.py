@@ -23,11 +23,13 @@ from torch import Tensor
 from dds.errors import DivergedError, SettingError
 from dds.methods import (  # noqa: F401  (draw_t_eps: re-export)
     METHODS,
+    OPTIMIZERS,
     STEP_RULES,
     TIMESTEP_SCHEDULES,
     Draw,
     draw_t_eps,
     get_method,
+    optimizer_state,
     step_lr,
 )
 from dds.models.base import expand_cond
@@ -110,6 +112,9 @@ class EditConfig:
     # and the step size over the edit ("constant"; "budget": lr x 200 / steps).
     schedule: str = "reference"
     step_rule: str = "constant"
+    # The optimiser of the latent (score distillation): "sgd" (the reference), "momentum"
+    # (heavy ball, 0.9) or "adam" (lr is then a per-element step, e.g. 0.01).
+    optimizer: str = "sgd"
     # Guidance of the source branch (DDS, FlowEdit); None: the same as `guidance`.
     source_guidance: float | None = None
     # FlowEdit: of `steps` descending timesteps run the last n_max (None: all), the last n_min
@@ -147,6 +152,11 @@ class EditConfig:
             bad("schedule", f"use one of {', '.join(repr(k) for k in TIMESTEP_SCHEDULES)}")
         if self.step_rule not in STEP_RULES:
             bad("step_rule", f"use one of {', '.join(repr(k) for k in STEP_RULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"use one of {', '.join(repr(k) for k in OPTIMIZERS)}")
+        if self.optimizer != "sgd" and not get_method(self.method).gradient:
+            bad("optimizer", f"{self.method} follows an ODE and has no optimiser; use 'sgd' "
+                "(the default) or the dds or sds method")
         if not isinstance(self.true_cfg, bool):
             bad("true_cfg", "it must be true or false")
         for name in ("loss_scale", "weight_a", "weight_b"):
@@ -217,11 +227,12 @@ def edit_latents(
     cond = method.conditioning(expand_cond(model.uncond(), b), expand_cond(cond_source, b),
                                expand_cond(cond_target, b), cfg, embedded)
     every = DIVERGENCE_CHECK_EVERY.get(z.device.type, DIVERGENCE_CHECK_EVERY["default"])
-    total = method.num_steps(cfg)
+    total, state = method.num_steps(cfg), optimizer_state(cfg, z)
     with torch.no_grad():
         for step in range(total):
             d = to_device(method.draw(step, gens, shape, cfg, schedule), device)
-            z, g = method.step(model.predict_eps, z, z_hat, cond, d, schedule, cfg, embedded)
+            z, g = method.step(model.predict_eps, z, z_hat, cond, d, schedule, cfg, embedded,
+                               state)
             if (step + 1) % every == 0 or step + 1 == total:
                 check_diverged(z, step + 1)
             if on_step is not None:

@@ -6,15 +6,17 @@ the translation trainer and the evaluations.  Its arithmetic is the pure functio
 `dds.score`.  Every loop runs it the same way:
 
     cond = method.conditioning(uncond, source, target, cfg, embedded)  # once per edit
+    state = optimizer_state(cfg, z)                                    # optimiser buffers
     for i in range(method.num_steps(cfg)):
         draw = method.draw(i, generators, shape, cfg, schedule)        # t, noise, step size
-        z, g = method.step(eps_fn, z, z_hat, cond, draw, schedule, cfg, embedded)
+        z, g = method.step(eps_fn, z, z_hat, cond, draw, schedule, cfg, embedded, state)
 
 `embedded` is True for a guidance-distilled model (FLUX.1-dev) run without true classifier-free
 guidance: the guidance scale is then an input of the model, not a second branch.
 
 * `DDS` and `SDS` are score-distillation methods: each step draws a random t and noise and
-  takes an SGD step on the latent along the score (`grad`); the trainer uses `grad` alone.
+  takes an optimiser step (SGD in the reference; `OPTIMIZERS`) on the latent along the score
+  (`grad`); the trainer uses `grad` alone.
 * `FlowEdit` (Kulikov et al. 2025) integrates an ODE from the source over a descending schedule
   with noise coupled between source and target; no optimiser, no inversion.  It runs on flow
   models (SD3, FLUX) as published and on any other model written as a flow
@@ -34,6 +36,7 @@ from torch import Tensor
 from dds.errors import DDSError
 from dds.models.base import Conditioning, EpsFn
 from dds.score import (
+    adam_step,
     dds_combine,
     dds_inputs,
     eps_to_velocity,
@@ -42,6 +45,7 @@ from dds.score import (
     guided_conditioning,
     guided_inputs,
     guided_outputs,
+    momentum_step,
     sds_combine,
     sds_inputs,
     sgd_step,
@@ -113,6 +117,37 @@ STEP_RULES = ("constant", "budget")
 REFERENCE_STEPS = 200
 
 
+# The optimiser that applies the score to the latent: "sgd", the reference; "momentum",
+# heavy-ball SGD (0.9); "adam", Adam (0.9, 0.999), whose lr is a per-element step.
+OPTIMIZERS = ("sgd", "momentum", "adam")
+MOMENTUM = 0.9
+
+
+def optimizer_state(cfg, z: Tensor) -> dict:
+    """The buffers `cfg.optimizer` keeps across an edit's steps, for latents like z."""
+    if cfg.optimizer == "momentum":
+        return {"buf": torch.zeros_like(z)}
+    if cfg.optimizer == "adam":
+        return {"m": torch.zeros_like(z), "v": torch.zeros_like(z),
+                "k": torch.zeros((), device=z.device)}
+    return {}
+
+
+def optimizer_step(z: Tensor, g: Tensor, cfg, state: dict) -> Tensor:
+    """One step of `cfg.optimizer` on the surrogate loss scale * <z, g> (`dds.score`);
+    updates `state` (from `optimizer_state`) in place."""
+    lr, scale = step_lr(cfg), cfg.loss_scale / cfg.reference_area
+    if cfg.optimizer == "momentum":
+        z, state["buf"] = momentum_step(z, g, state["buf"], lr, scale, MOMENTUM)
+        return z
+    if cfg.optimizer == "adam":
+        state["k"] = state["k"] + 1
+        z, state["m"], state["v"] = adam_step(z, g, state["m"], state["v"], state["k"], lr,
+                                              scale)
+        return z
+    return sgd_step(z, g, lr, scale)
+
+
 def step_lr(cfg) -> float:
     """The SGD learning rate an edit of cfg.steps steps runs with (`cfg.step_rule`)."""
     if cfg.step_rule == "budget":
@@ -141,7 +176,7 @@ class Method(Protocol):
              schedule) -> Draw: ...
 
     def step(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, d: Draw, schedule, cfg,
-             embedded: bool = False) -> tuple[Tensor, Tensor]: ...
+             embedded: bool = False, state: dict | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 class _ScoreDistillation:
@@ -169,15 +204,18 @@ class _ScoreDistillation:
         t = schedule.timestep(index)
         return Draw(t, eps, timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).float())
 
-    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False):
-        """z - lr * scale * w(t) grad (`dds.score.sgd_step`); returns (z, w(t) grad)."""
+    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False,
+             state: dict | None = None):
+        """One optimiser step along w(t) grad (`optimizer_step`; the reference: z - lr * scale
+        * w(t) grad, `dds.score.sgd_step`); returns (z, w(t) grad).  `state`: the optimiser's
+        buffers (`optimizer_state`), needed for all but SGD."""
         args = (schedule, cfg.guidance, cfg.source_guidance, embedded)
         if d.eps.ndim == z.ndim:
             g = self.grad(eps_fn, z, z_hat, cond, d.t, d.eps, *args)
         else:  # noise averaging: the mean gradient over n_avg draws at the same t
             g = sum(self.grad(eps_fn, z, z_hat, cond, d.t, e, *args) for e in d.eps) / len(d.eps)
         g = d.weight.view(-1, *([1] * (g.ndim - 1))) * g
-        return sgd_step(z, g, step_lr(cfg), cfg.loss_scale / cfg.reference_area), g
+        return optimizer_step(z, g, cfg, {} if state is None else state), g
 
     def grad(self, eps_fn: EpsFn, z: Tensor, z_hat: Tensor, cond, t: Tensor, eps: Tensor,
              schedule, guidance: float, source_guidance: float | None = None,
@@ -274,8 +312,8 @@ class FlowEdit:
         b = len(gens)
         return Draw(ts[j].expand(b), eps, (s_next - s).float().expand(b), phase)
 
-    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False):
-        """One Euler step; returns (z, the direction V)."""
+    def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False, state=None):
+        """One Euler step; returns (z, the direction V).  No optimiser: `state` is unused."""
         if d.phase:
             return self._sample(eps_fn, z, z_hat, cond, d, schedule, cfg, embedded)
         ws = guidances(cfg)

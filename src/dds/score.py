@@ -252,6 +252,28 @@ def sgd_step(z: Tensor, grad: Tensor, lr: float, scale: float) -> Tensor:
     return torch.add(z, scale * grad, alpha=-lr)
 
 
+def momentum_step(z: Tensor, grad: Tensor, buf: Tensor, lr: float, scale: float,
+                  beta: float = 0.9) -> tuple[Tensor, Tensor]:
+    """Heavy-ball SGD on the same surrogate (`torch.optim.SGD(momentum=beta)`, no dampening,
+    buf starting at 0): buf <- beta buf + scale grad; z - lr buf.  -> (z, buf)."""
+    buf = buf * beta + scale * grad
+    return z - lr * buf, buf
+
+
+def adam_step(z: Tensor, grad: Tensor, m: Tensor, v: Tensor, k, lr: float, scale: float,
+              betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam on the same surrogate (`torch.optim.Adam`'s update), k-th step (1-based; a number
+    or a 0-dim tensor): a per-element step of about lr whatever the gradient's scale.
+    -> (z, m, v)."""
+    b1, b2 = betas
+    g = scale * grad
+    m = m + (1 - b1) * (g - m)
+    v = v * b2 + (1 - b2) * g * g
+    denom = v.sqrt() / (1 - b2 ** k) ** 0.5 + eps
+    return z - lr / (1 - b1 ** k) * m / denom, m, v
+
+
 def reference_step_scale(latent_hw: tuple[int, int], lr: float = 0.1, loss_scale: float = 2000.0):
     """Per-element step of the reference recipe: lr * loss_scale / (h * w) (0.0488 at 64x64)."""
     h, w = latent_hw

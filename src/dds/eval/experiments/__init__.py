@@ -104,10 +104,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "(fewer steps)", _schedules,
                full=dict(n_edits=200, batch=60, reference_steps=200, budgets=[25, 50, 100],
                          schedules=["reference", "descending", "stratified"],
-                         step_rules=["constant", "budget"], n_avg=[1, 2]),
+                         step_rules=["constant", "budget"], n_avg=[1, 2],
+                         optimizers={"adam": 0.01}),
                quick=dict(n_edits=4, batch=48, reference_steps=200, budgets=[25, 50],
                           schedules=["reference", "descending"], step_rules=["constant", "budget"],
-                          n_avg=[1])),
+                          n_avg=[1], optimizers={"adam": 0.01})),
 ]}
 
 

@@ -29,6 +29,8 @@ class Setting:
     step_rule: str
     n_avg: int
     steps: int
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: the model's editing default
 
     @property
     def calls(self) -> int:
@@ -38,18 +40,27 @@ class Setting:
     @property
     def curve(self) -> str:
         avg = f", avg {self.n_avg}" if self.n_avg > 1 else ""
-        return f"{self.schedule}, {self.step_rule} lr{avg}"
+        return f"{self.schedule}, {self.step_rule} lr{avg}{self._opt(', ', ' lr ')}"
 
     @property
     def key(self) -> str:
-        return f"{self.schedule}-{self.step_rule}-n{self.n_avg}-s{self.steps}"
+        return f"{self.schedule}-{self.step_rule}-n{self.n_avg}-s{self.steps}{self._opt('-', '')}"
+
+    def _opt(self, sep: str, lr: str) -> str:
+        if self.optimizer == "sgd" and self.lr is None:
+            return ""  # the reference's optimiser: keys as before optimisers were a setting
+        return f"{sep}{self.optimizer}" + (f"{lr}{self.lr:g}" if self.lr is not None else "")
 
 
 def settings_of(p: dict) -> tuple[Setting, list[Setting]]:
-    """The reference recipe and every setting of the grid (budgets are denoiser calls)."""
+    """The reference recipe and every setting of the grid (budgets are denoiser calls); each
+    optimiser of p["optimizers"] (name: lr) adds every schedule at every budget, constant
+    step, one draw."""
     ref = Setting("reference", "constant", 1, p["reference_steps"])
     grid = [Setting(s, r, a, b // a) for s in p["schedules"] for r in p["step_rules"]
             for a in p["n_avg"] for b in p["budgets"] if b // a >= 1]
+    grid += [Setting(s, "constant", 1, b, o, lr) for o, lr in p.get("optimizers", {}).items()
+             for s in p["schedules"] for b in p["budgets"]]
     return ref, [g for g in grid if g != ref]
 
 
@@ -57,7 +68,8 @@ def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
     from dds.loop import edit_latents
 
     n = sl.stop - sl.start
-    cfg = ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps)
+    cfg = ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps,
+                       optimizer=s.optimizer, lr=s.lr)
     z = edit_latents(ctx.model, es.z_hat[sl], es.cond_source[sl], es.cond_target[sl], cfg,
                      on_step=lambda info: bar.update(n * s.n_avg),
                      seeds=[ctx.seed + sl.start + i for i in range(n)])
@@ -89,8 +101,9 @@ def run_schedules(ctx, p: dict) -> dict:
     for s in [ref, *grid]:
         c = compare(per[s], per[ref], es.compared, es.kinds, ("setting", "reference"))["all"]
         paired[s.key] = c
-        rows.append({"setting": s.key, "schedule": s.schedule, "step_rule": s.step_rule,
-                     "n_avg": s.n_avg, "steps": s.steps, "calls": s.calls,
+        rows.append({"setting": s.key, "curve": s.curve, "schedule": s.schedule,
+                     "step_rule": s.step_rule, "n_avg": s.n_avg, "optimizer": s.optimizer,
+                     "steps": s.steps, "calls": s.calls,
                      **{k: float(np.nanmean(v)) for k, v in per[s].items()},
                      **{f"{m}_diff": c[m]["difference"] for m in es.compared},
                      **{f"{m}_low": c[m]["low"] for m in es.compared},
@@ -127,8 +140,7 @@ def _plot(ctx, rows, ref: Setting, es, summary) -> None:
         for r in rows:
             if r["setting"] == ref.key:
                 continue
-            label = f"{m}: {r['schedule']}, {r['step_rule']} lr" + (
-                f", avg {r['n_avg']}" if r["n_avg"] > 1 else "")
+            label = f"{m}: {r['curve']}"
             curves.setdefault(label, []).append((r["calls"], r[m]))
     plots.curves_by_panel(ctx.out / "schedules.png", curves, panels,
                           reference={m: (ref.calls, next(r[m] for r in rows
