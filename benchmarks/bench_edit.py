@@ -358,6 +358,8 @@ def parse_args(argv):
                    "the reference path stays the recipe")
     p.add_argument("--step-rule", default="constant", choices=["constant", "budget"],
                    help="step rule of the default and fast paths (EditConfig.step_rule)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"],
+                   help="optimiser of the default and fast paths (EditConfig.optimizer)")
     p.add_argument("--schedule-steps", type=int, default=None,
                    help="steps of the default and fast paths (default: --steps); the "
                    "reference path runs --steps")
@@ -491,7 +493,8 @@ def fast_run(setup: Setup, device, z_hat, cfg, seeds, a) -> Run:
 
 def scheduled(a) -> bool:
     """Do the default and fast paths run another schedule than the reference recipe's?"""
-    return (a.schedule, a.step_rule, a.schedule_steps) != ("reference", "constant", None)
+    return (a.schedule, a.step_rule, a.optimizer, a.schedule_steps) != (
+        "reference", "constant", "sgd", None)
 
 
 def path_steps(path: str, a) -> int:
@@ -502,7 +505,7 @@ def path_steps(path: str, a) -> int:
 def make_run(path: str, setup: Setup, device, z_hat, seeds, cfg, a) -> Run:
     if path == "reference":
         return reference_run(setup, device, z_hat, seeds, tuple(z_hat.shape[1:]))
-    cfg = cfg.with_(schedule=a.schedule, step_rule=a.step_rule)
+    cfg = cfg.with_(schedule=a.schedule, step_rule=a.step_rule, optimizer=a.optimizer)
     r = (default_run(setup, device, z_hat, cfg) if path == "default"
          else fast_run(setup, device, z_hat, cfg, seeds, a))
     inner, steps = r.run, path_steps(path, a)
