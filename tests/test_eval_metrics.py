@@ -284,3 +284,42 @@ def test_paired_table_reads_both_means_the_interval_and_the_verdict():
     assert lines[0] == "| edit kind | measure | DDS | SDS | DDS − SDS [95% interval] | reading |"
     assert lines[2] == ("| all (n=8) | success (placed) | 100.0% | 0.0% | +100.0% "
                         "[+48.4%, +100.0%] | DDS better |")
+
+
+def test_release_targets_read_the_report_and_say_which_are_met():
+    from dds.eval.builtin_quality import TARGETS, release_targets, targets_markdown
+
+    def kind(success_pos, psnr_gain):
+        return {"success_pos": success_pos, "psnr_gain": psnr_gain}
+
+    def verdicts(success, kept):
+        return {"success_pos": {"verdict": success}, "ssim_out": {"verdict": kept}}
+
+    report = {
+        "generation_single": {"all_attributes": 0.80},
+        "vae": {"psnr_mean": 31.9, "judge_on_reconstructions": {"obj0_shape": 0.97}},
+        "editing": {
+            "dds": {"object_color": kind(0.95, 2.5), "object_shape": kind(0.69, 2.0),
+                    "background_color": kind(0.99, 9.0)},
+            "paired": {"by": {"object_color": verdicts("DDS better", "no difference"),
+                              "object_shape": verdicts("no difference", "DDS better"),
+                              "background_color": verdicts("SDS better", "DDS better"),
+                              "all": verdicts("DDS better", "DDS better")}},
+        },
+        "model_mb": 19.2,
+    }
+    rows = release_targets(report)
+    met = {r["target"]: r["met"] for r in rows}
+    assert [met[label] for label, *_ in TARGETS] == [True, True, False, True, False, True,
+                                                     True, True]  # >= is met; 31.9 < 32
+    assert met["DDS against SDS (paired), object_color"] is True  # ahead on success
+    assert met["DDS against SDS (paired), object_shape"] is True  # equal success, kept more
+    assert met["DDS against SDS (paired), background_color"] is False
+    assert not any("all" in r["target"] for r in rows)
+    assert met["model folder size"] is True
+    # a report without a measurement says so rather than guessing
+    rows = release_targets({"generation_single": {"all_attributes": 0.5}})
+    assert [r["met"] for r in rows] == [False] + [None] * (len(TARGETS) - 1) + [None]
+    table = targets_markdown(rows)
+    assert "| generation, one object, every attribute right | 50.0% | >= 75.0% | **no** |" in table
+    assert table.count("not measured") == len(TARGETS)

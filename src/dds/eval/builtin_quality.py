@@ -248,9 +248,79 @@ def run_quality(model, judge, out_dir: Path, preset: QualityPreset = FULL,
         "editing": runner.unit("editing", lambda: eval_editing(
             model, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet,
             parts_dir=runner.dir / "editing")),
+        "model_mb": folder_mb(getattr(model, "root", None)),
     }
+    report["targets"] = release_targets(report)
     write_quality_report(out_dir, report)
     return report
+
+
+def folder_mb(root) -> float | None:
+    """The size of a model folder's files in MB (10^6 bytes); None without a folder."""
+    if root is None or not Path(root).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 1e6
+
+
+# The built-in model's release targets (docs/builtin-model-4.md): (label, where in the report,
+# minimum, unit).  DDS's success here is the position-aware one.
+TARGETS = (
+    ("generation, one object, every attribute right", ("generation_single", "all_attributes"),
+     0.75, "%"),
+    ("autoencoder: the judge reads the first object's shape on reconstructions",
+     ("vae", "judge_on_reconstructions", "obj0_shape"), 0.97, "%"),
+    ("autoencoder: reconstruction PSNR", ("vae", "psnr_mean"), 32.0, "dB"),
+    ("DDS success (placed), object colour", ("editing", "dds", "object_color", "success_pos"),
+     0.90, "%"),
+    ("DDS success (placed), object shape", ("editing", "dds", "object_shape", "success_pos"),
+     0.70, "%"),
+    ("DDS success (placed), background", ("editing", "dds", "background_color", "success_pos"),
+     0.95, "%"),
+    ("DDS PSNR gain over no edit, object colour", ("editing", "dds", "object_color", "psnr_gain"),
+     2.0, "dB"),
+    ("DDS PSNR gain over no edit, object shape", ("editing", "dds", "object_shape", "psnr_gain"),
+     2.0, "dB"),
+)
+MAX_MODEL_MB = 30.0
+
+
+def release_targets(r: dict) -> list[dict]:
+    """Each release target with its measured value and whether it is met (None: not measured);
+    DDS against SDS per kind: ahead on placed success, or at equal success on SSIM outside."""
+    rows = []
+    for label, path, minimum, unit in TARGETS:
+        v = r
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        rows.append({"target": label, "value": v, "minimum": minimum, "unit": unit,
+                     "met": None if v is None else bool(v >= minimum)})
+    for kind, by in r.get("editing", {}).get(PAIRED, {}).get("by", {}).items():
+        if kind == "all":
+            continue
+        success, kept = by["success_pos"]["verdict"], by["ssim_out"]["verdict"]
+        met = success == "DDS better" or (success == "no difference" and kept == "DDS better")
+        rows.append({"target": f"DDS against SDS (paired), {kind}", "unit": "verdict",
+                     "value": f"success: {success}; SSIM outside: {kept}", "met": met})
+    size = r.get("model_mb")
+    rows.append({"target": "model folder size", "value": size, "maximum": MAX_MODEL_MB,
+                 "unit": "MB", "met": None if size is None else bool(size <= MAX_MODEL_MB)})
+    return rows
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    def shown(x, unit):
+        if x is None or isinstance(x, str):
+            return "not measured" if x is None else x
+        return f"{x:.1%}" if unit == "%" else f"{x:.2f} {unit}"
+
+    lines = ["| release target | measured | target | met |", "| --- | --- | --- | --- |"]
+    for t in rows:
+        bound = (f">= {shown(t['minimum'], t['unit'])}" if "minimum" in t
+                 else f"<= {shown(t['maximum'], t['unit'])}" if "maximum" in t
+                 else "DDS ahead on success, or on SSIM outside at equal success")
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {shown(t['value'], t['unit'])} | {bound} | {met} |")
+    return "\n".join(lines)
 
 
 def write_quality_report(out_dir: Path, report: dict) -> None:
@@ -277,14 +347,18 @@ def quality_markdown(r: dict) -> str:
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
-        f"| generation, 1 object, all prompt attributes (n={g1['n']}) | {g1['all_attributes']:.1%} | >= 90% |",
+        f"| generation, 1 object, all prompt attributes (n={g1['n']}) | {g1['all_attributes']:.1%} | see below |",
         *[f"| ... {label} | {g1[key]:.1%} | |" for key, label in GENERATION_PARTS if g1.get(key) is not None],
         f"| generation, 2 objects, all prompt attributes (n={g2['n']}) | {g2['all_attributes']:.1%} | (reported) |",
-        f"| VAE reconstruction PSNR, mean (min) (n={v['n']}) | {v['psnr_mean']:.2f} dB ({v['psnr_min']:.2f}) | >= 30 dB |",
+        f"| VAE reconstruction PSNR, mean (min) (n={v['n']}) | {v['psnr_mean']:.2f} dB ({v['psnr_min']:.2f}) | see below |",
         *[f"| ... judge reads the {label} of the reconstructions | {v['judge_on_reconstructions'][key]:.1%} | |"
           for key, label in VAE_PARTS if key in v.get("judge_on_reconstructions", {})],
         "",
         editing_table(r["editing"]),
+        "",
+        "## Release targets",
+        "",
+        targets_markdown(r.get("targets") or release_targets(r)),
     ]
     return "\n".join(lines)
 
