@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,24 @@ def test_half_storage_halves_the_folder_and_loads_as_float32(full_run, tmp_path)
     assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}
     out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np")
     assert np.isfinite(out.images).all()
+
+
+def test_an_exported_release_is_measured_on_the_world(full_run, tiny_sd, tmp_path, capsys):
+    """A folder the built-in trainer exported knows the world (its edits, truths and judge
+    apply); another folder does not, and `dds eval` then asks for data in one sentence."""
+    from dds.cli import main
+    from dds.models import get_model, knows_world
+    from dds.models.stable_diffusion import StableDiffusionModel
+
+    _, model_dir, _ = full_run
+    assert knows_world(StableDiffusionModel(model_dir)) and knows_world(get_model(None))
+    assert not knows_world(StableDiffusionModel(tiny_sd))
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    record = json.loads((other / "training.json").read_text())
+    (other / "training.json").write_text(json.dumps({**record, "command": "my-trainer"}))
+    assert not knows_world(StableDiffusionModel(other))
+    assert main(["eval", "drift", "--model", str(other), "--quick", "--quiet",
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "not trained on the built-in world" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

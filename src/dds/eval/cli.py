@@ -105,16 +105,17 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def cmd_eval(args) -> int:
-    from dds.models import get_model, is_builtin
+    from dds.models import get_model, knows_world
 
     if args.experiment in MODEL_MEASURES:
         return cmd_model_measure(args)
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     model = get_model(args.model)
-    if args.data is None and args.model is not None and not is_builtin(model):
-        raise DDSError("a model other than the built-in one needs your images and captions: give "
-                       "--data FOLDER with metadata.jsonl rows {file_name, text, target}")
+    if args.data is None and args.model is not None and not knows_world(model):
+        raise DDSError("a model that was not trained on the built-in world needs your images and "
+                       "captions: give --data FOLDER with metadata.jsonl rows {file_name, text, "
+                       "target}")
     if args.data is not None and not Path(args.data).is_dir():
         raise DDSError(f"--data '{args.data}' is not a folder")
     out = Path(args.out or "dds-eval")

@@ -319,6 +319,15 @@ class DiffusersModel:
         return {"family": self.family, "name": self.label, "hash": self._hash,
                 "prediction": self.prediction_type}
 
+    def training_record(self) -> dict | None:
+        """The folder's training.json (how the model was made: dds's trainers write one), or
+        None when it has none or it cannot be read."""
+        try:
+            record = json.loads((self._root / "training.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
     def save_autoencoder(self, folder: Path) -> list[Path]:
         """Write the VAE as a diffusers folder (what a translation network ships with)."""
         self.vae.save_pretrained(folder, safe_serialization=True)

@@ -126,3 +126,17 @@ def get_model(model=None, dtype: str = "auto", device: str | None = None):
 
 def is_builtin(model) -> bool:
     return getattr(model, "label", None) == BUILTIN_LABEL
+
+
+# How the built-in model's trainer records itself in an exported folder's training.json.
+WORLD_TRAINERS = ("dds train-builtin", "python -m dds.builtin.train")
+
+
+def knows_world(model) -> bool:
+    """Was `model` trained on the procedural world: the built-in model, or a folder that the
+    built-in model's trainer exported (a release in the making)?  The world's edits, exact
+    truths and judge then measure it."""
+    if is_builtin(model):
+        return True
+    record = model.training_record() if hasattr(model, "training_record") else None
+    return str((record or {}).get("command", "")).startswith(WORLD_TRAINERS)

@@ -31,7 +31,7 @@ from dds.errors import DDSError, SettingError
 from dds.images import save_png
 from dds.loop import LIMITS, check_range
 from dds.methods import get_method
-from dds.models.registry import is_builtin
+from dds.models.registry import knows_world
 from dds.pipeline import (
     EditPipeline,
     EditRequest,
@@ -131,7 +131,7 @@ class EditSession:
                  concurrency: int = 1):
         self.pipeline = EditPipeline(model)
         self.model = self.pipeline.model
-        self.builtin = model is None or is_builtin(self.model)
+        self.builtin = model is None or knows_world(self.model)
         self.model_label = model_label or self.model.label
         native = int(self.model.native_size)
         cap = model_max_size(self.model)
