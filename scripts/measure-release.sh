@@ -28,7 +28,8 @@ stage() {  # stage NAME COMMAND...: run unless OUT/NAME.done exists; log start a
     [ -e "$OUT/$name.done" ] && { echo "== $name: done before"; return 0; }
     echo "$(date -u +%FT%TZ) start $name: $*" >> "$OUT/stages.log"
     echo "== $name: $*"
-    "$@"
+    "$@" || { local rc=$?; echo "measure-release: stage $name failed (exit $rc); the stages" \
+        "before it are kept: fix the cause and run the same command again" >&2; exit "$rc"; }
     mkdir -p "$(dirname "$OUT/$name.done")" && touch "$OUT/$name.done"
     echo "$(date -u +%FT%TZ) end   $name" >> "$OUT/stages.log"
 }
