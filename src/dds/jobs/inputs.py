@@ -214,16 +214,20 @@ def read_rows(path: Path, what: str = "job list") -> list[dict]:
     return rows
 
 
-def _text(row: dict, column: str) -> str | None:
+def _cell(row: dict, column: str):
+    """A row's value in `column`; None when the column is missing or the cell empty."""
     v = row.get(column)
-    if v is None or v == "":
-        return None
-    return v if isinstance(v, str) else str(v)
+    return None if v is None or v == "" else v
+
+
+def _text(row: dict, column: str) -> str | None:
+    v = _cell(row, column)
+    return v if v is None or isinstance(v, str) else str(v)
 
 
 def _seed_of(row: dict, column: str, base: int, key: str) -> int:
-    v = row.get(column)
-    if v is None or v == "":
+    v = _cell(row, column)
+    if v is None:
         return job_seed(base, key)
     try:
         s = int(str(v).strip())
@@ -235,8 +239,8 @@ def _seed_of(row: dict, column: str, base: int, key: str) -> int:
 
 
 def _edit_of(row: dict, column: str) -> dict | None:
-    v = row.get(column)
-    if v is None or v == "":
+    v = _cell(row, column)
+    if v is None:
         return None
     if isinstance(v, str):
         try:
