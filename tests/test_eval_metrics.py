@@ -323,3 +323,11 @@ def test_release_targets_read_the_report_and_say_which_are_met():
     table = targets_markdown(rows)
     assert "| generation, one object, every attribute right | 50.0% | >= 75.0% | **no** |" in table
     assert table.count("not measured") == len(TARGETS)
+
+
+def test_the_quality_report_measures_the_model_folders_size(tiny_sd):
+    from dds.models.stable_diffusion import StableDiffusionModel
+
+    files = [f for f in tiny_sd.rglob("*") if f.is_file()]
+    want = sum(f.stat().st_size for f in files) / 1e6
+    assert want > 0 and StableDiffusionModel(tiny_sd).folder_mb() == want

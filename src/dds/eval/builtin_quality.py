@@ -248,18 +248,11 @@ def run_quality(model, judge, out_dir: Path, preset: QualityPreset = FULL,
         "editing": runner.unit("editing", lambda: eval_editing(
             model, judge, cfg, preset.edits_per_kind, preset.batch_size, quiet=quiet,
             parts_dir=runner.dir / "editing")),
-        "model_mb": folder_mb(getattr(model, "root", None)),
+        "model_mb": model.folder_mb() if hasattr(model, "folder_mb") else None,
     }
     report["targets"] = release_targets(report)
     write_quality_report(out_dir, report)
     return report
-
-
-def folder_mb(root) -> float | None:
-    """The size of a model folder's files in MB (10^6 bytes); None without a folder."""
-    if root is None or not Path(root).is_dir():
-        return None
-    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 1e6
 
 
 # The built-in model's release targets (docs/builtin-model-4.md): (label, where in the report,

@@ -319,6 +319,10 @@ class DiffusersModel:
         return {"family": self.family, "name": self.label, "hash": self._hash,
                 "prediction": self.prediction_type}
 
+    def folder_mb(self) -> float:
+        """The size of the model folder's files in MB (10^6 bytes)."""
+        return sum(f.stat().st_size for f in self._root.rglob("*") if f.is_file()) / 1e6
+
     def training_record(self) -> dict | None:
         """The folder's training.json (how the model was made: dds's trainers write one), or
         None when it has none or it cannot be read."""
