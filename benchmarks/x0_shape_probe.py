@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
 
+    from dds.eval.experiments.common import encode01
     from dds.eval.world_edits import decode01, images_of
     from dds.models import get_model
     from dds.score import alpha_sigma, guided_eps_captions, noise_input
@@ -43,7 +44,8 @@ def main() -> None:
     moved_shape = [e.target.objects[0].shape for e in edits]
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        z0 = model.encode(x * 2 - 1)
+        z0 = encode01(model, x)
+        schedule = model.schedule_for(z0.shape)
         noise = torch.randn(z0.shape, generator=gen)
         uncond = model.uncond().expand(args.n)
         c_src = model.encode_prompt([e.source_caption for e in edits])
@@ -60,10 +62,10 @@ def main() -> None:
         print("   t   kept (own caption)   moved (edit caption, target shape)   moved (source shape)")
         for t_value in (int(s) for s in args.t.split(",")):
             t = torch.full((args.n,), t_value, dtype=torch.long)
-            z_t = noise_input(z0, noise, t, model.schedule_for(z0.shape))
+            z_t = noise_input(z0, noise, t, schedule)
             e_src, e_tgt = guided_eps_captions(eps_fn, z_t, t, uncond, [c_src, c_tgt],
                                                args.guidance)
-            alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(model.schedule_for(z0.shape), t))
+            alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(schedule, t))
             kept = decode01(model, (z_t - sigma * e_src) / alpha)
             moved = decode01(model, (z_t - sigma * e_tgt) / alpha)
             print(f"{t_value:4d}   {read(kept, kept_shape):18.1%}   {read(moved, moved_shape):34.1%}"
