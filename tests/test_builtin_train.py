@@ -178,6 +178,35 @@ def test_presets_name_the_recipes_and_keep_latent_sizes_consistent():
     assert attn == [8, 4]
     with pytest.raises(SystemExit):
         p.parse_args(["--preset", "fifth"])
+    # the GPU recipe trains the same networks as the fourth, on more scenes per step
+    gpu = T.config_from_args(p.parse_args(["--preset", "fourth-gpu", "--unet-steps", "9"]))
+    assert (gpu.vae, gpu.unet, gpu.text) == (C.fourth().vae, C.fourth().unet, C.fourth().text)
+    assert gpu.unet_steps == 9 and gpu.batch_size > C.fourth().batch_size
+
+
+def test_step_batches_from_worker_processes_are_the_steps_own():
+    """Rendered ahead by worker processes, step s still gets batch_at(cfg, stage, s), also
+    after a jump (a resumed run starts mid-stage)."""
+    cfg = tiny_cfg()
+    ahead = T.StepBatches(cfg, "unet", 3, total=9, workers=2)
+    for step in (0, 1, 2, 5, 6):
+        got, want = ahead.get(step), T.batch_at(cfg, "unet", step, 3)
+        assert got["caption"] == want["caption"]
+        assert torch.equal(got["image"], want["image"])
+    assert not torch.equal(T.batch_at(cfg, "unet", 1, 3)["image"],
+                           T.batch_at(cfg, "unet", 2, 3)["image"])
+
+
+def test_device_choice():
+    assert T.train_device("cpu") == torch.device("cpu")
+    assert T.train_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(T.DDSError, match="not one of"):
+        T.train_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(T.DDSError, match="no CUDA device"):
+            T.train_device("cuda")
+    a = T.build_parser().parse_args(["--device", "cpu", "--data-workers", "3"])
+    assert (a.device, a.data_workers) == ("cpu", 3)
 
 
 def test_weighted_mse_closed_forms():

@@ -27,6 +27,7 @@ the model goes to ``RUN_DIR/model`` unless ``--out`` names another folder (the p
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from dds.training.toolkit import EMA, CsvLog, save_state, staged_folder, warmup_
 
 # Ids seed each stage's random streams; the order is the order of the stages (log truncation).
 STAGE_IDS = {"text": 5, "vae": 1, "unet": 2, "scale": 3, "eval": 4}
+CPU = torch.device("cpu")
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
 JUDGE_FIELDS = ["stage", "step", "all_attributes", "objects", "object_shape", "object_color",
                 "background", "texture", "seconds"]
@@ -83,6 +85,67 @@ def batch_at(cfg: C.TrainConfig, stage: str, step: int, batch_size: int) -> dict
     SceneDataset, collate_scenes = _world()
     ds = SceneDataset(2**40, seed=data_seed(cfg.seed, stage), size=cfg.image_size)
     return collate_scenes([ds[step * batch_size + j] for j in range(batch_size)])
+
+
+def train_device(name: str = "auto") -> torch.device:
+    """The device the autoencoder and UNet stages train on: ``auto`` takes CUDA when torch sees
+    it, else the CPU (stage 0, a few minutes, always runs on the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DDSError(f"--device {name} was asked for, but torch sees no CUDA device; "
+                       "use --device cpu (or auto)")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise DDSError(f"--device '{name}' is not one of auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """What a training.json records as the machine: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} logical cores)"
+
+
+class _StepData(torch.utils.data.Dataset):
+    """Item i: the whole batch of step ``start + i`` (what ``batch_at`` renders)."""
+
+    def __init__(self, cfg: C.TrainConfig, stage: str, batch_size: int, start: int, total: int):
+        self.cfg, self.stage, self.bs, self.start, self.total = cfg, stage, batch_size, start, total
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return batch_at(self.cfg, self.stage, self.start + i, self.bs)
+
+
+class StepBatches:
+    """A stage's batches in step order: rendered in place (``workers`` 0), or by ``workers``
+    processes a few steps ahead, so that a GPU does not wait for the CPU's scene renderer.
+    Either way step s gets exactly ``batch_at(cfg, stage, s, batch_size)``."""
+
+    def __init__(self, cfg: C.TrainConfig, stage: str, batch_size: int, total: int,
+                 workers: int = 0):
+        self.cfg, self.stage, self.bs, self.total, self.workers = (
+            cfg, stage, batch_size, total, workers)
+        self._it, self._next = None, None
+
+    def get(self, step: int) -> dict[str, Any]:
+        if self.workers <= 0:
+            return batch_at(self.cfg, self.stage, step, self.bs)
+        if self._it is None or step != self._next:
+            loader = torch.utils.data.DataLoader(
+                _StepData(self.cfg, self.stage, self.bs, step, self.total), batch_size=None,
+                shuffle=False, num_workers=self.workers, prefetch_factor=4,
+                collate_fn=lambda b: b)
+            self._it = iter(loader)
+        self._next = step + 1
+        return next(self._it)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def rng_states() -> dict[str, Any]:
@@ -214,7 +277,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
     """Exactly what ``StableDiffusionPipeline.encode_prompt`` computes (no attention mask)."""
-    return text_encoder(tokenize(tokenizer, captions))[0]
+    return text_encoder(tokenize(tokenizer, captions).to(module_device(text_encoder)))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,8 +409,9 @@ def vae_loss(vae, x01: torch.Tensor, kl_weight: float, generator: torch.Generato
 
 @torch.no_grad()
 def vae_reconstruct(vae, x01: torch.Tensor) -> torch.Tensor:
-    z = vae.encode(to_pm1(x01)).latent_dist.mean
-    return ((vae.decode(z).sample + 1.0) / 2.0).clamp(0, 1)
+    """Reconstructions of ``x01`` (on the CPU) by ``vae`` (wherever it is)."""
+    z = vae.encode(to_pm1(x01.to(module_device(vae)))).latent_dist.mean
+    return ((vae.decode(z).sample + 1.0) / 2.0).clamp(0, 1).cpu()
 
 
 @torch.no_grad()
@@ -356,7 +420,7 @@ def vae_latent_std(vae, cfg: C.TrainConfig, n: int = 512, bs: int = 64) -> float
     zs = []
     for k in range(math.ceil(n / bs)):
         b = batch_at(cfg, "scale", k, bs)
-        zs.append(vae.encode(to_pm1(b["image"])).latent_dist.mean)
+        zs.append(vae.encode(to_pm1(b["image"].to(module_device(vae)))).latent_dist.mean.cpu())
     return float(torch.cat(zs)[:n].std())
 
 
@@ -398,6 +462,7 @@ def _vae_info(vae, cfg: C.TrainConfig, at: Counter) -> dict:
     return {
         "steps": at.step,
         "seconds": round(at.seconds, 1),
+        "device": device_name(module_device(vae)),
         "latent_std": std,
         "scaling_factor": 1.0 / std,
         "heldout_psnr_db": vae_eval_psnr(vae, cfg, n=cfg.eval_images),
@@ -405,18 +470,20 @@ def _vae_info(vae, cfg: C.TrainConfig, at: Counter) -> dict:
     }
 
 
-def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: list):
-    """Stage 1. Returns (vae, info) once finished, or (None, info) when stopped early."""
+def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: list,
+              device: torch.device = CPU, workers: int = 0):
+    """Stage 1 on ``device``. Returns (vae, info) once finished, or (None, info) when stopped
+    early."""
     ckpt_path = run_dir / "vae.pt"
     log = loss_log(run_dir)
     torch.manual_seed(cfg.seed)
-    vae = C.build_vae(cfg.vae)
+    vae = C.build_vae(cfg.vae).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     at, info = Counter(), {}
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        opt.load_state_dict(ck["optimizer"])  # (moves the moments to the weights' device)
         set_rng_states(ck["rng"])
         at, info = Counter(ck["step"], ck["seconds"]), ck.get("info", {})
         if ck.get("done"):
@@ -427,14 +494,17 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
     elif not resume:
         truncate_after(log, "vae", -1)
 
+    batches = StepBatches(cfg, "vae", cfg.vae_batch_size, cfg.vae_steps, workers)
+
     def one_step(step: int):
         lr = warmup_cosine(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = batch_at(cfg, "vae", step, cfg.vae_batch_size)
+        batch = batches.get(step)
         w = (object_weights(batch["scene"], cfg.image_size, cfg.image_size,
-                            cfg.vae_object_loss_weight) if cfg.vae_object_loss_weight else None)
-        loss, _ = vae_loss(vae, batch["image"], cfg.vae_kl_weight,
+                            cfg.vae_object_loss_weight).to(device)
+             if cfg.vae_object_loss_weight else None)
+        loss, _ = vae_loss(vae, batch["image"].to(device), cfg.vae_kl_weight,
                            step_generator(cfg.seed, "vae", step), w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -535,16 +605,17 @@ def ddim_sample(
     h = unet.config.sample_size
     lat = torch.randn(
         n, unet.config.in_channels, h, h, generator=torch.Generator().manual_seed(seed)
-    )
+    ).to(module_device(unet))
     for t in sched.timesteps:
         eps = unet(torch.cat([lat, lat]), t, ctx).sample
         eu, ec = eps.chunk(2)
         lat = sched.step(eu + guidance * (ec - eu), t, lat).prev_sample
-    img = vae.decode(lat / vae.config.scaling_factor).sample
-    return ((img + 1.0) / 2.0).clamp(0, 1)
+    img = vae.decode((lat / vae.config.scaling_factor).to(module_device(vae))).sample
+    return ((img + 1.0) / 2.0).clamp(0, 1).cpu()
 
 
-def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, tokenizer) -> dict:
+def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, tokenizer,
+                  device: torch.device = CPU) -> dict:
     """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
     backend, how often the judge reads back every attribute of held-out single-object prompts
     (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts)."""
@@ -553,7 +624,7 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     from dds.world import Judge
 
     export_pipeline_folder(model_dir, vae, unet, text_encoder, tokenizer)
-    backend = StableDiffusionModel(model_dir, device="cpu")
+    backend = StableDiffusionModel(model_dir, device=str(device))
     r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
                         batch_size=min(50, cfg.judge_prompts), quiet=True)
     r.pop("samples")
@@ -563,8 +634,11 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
 class _UNetStage:
     """Stage 2's models, optimiser, EMA and counters, and what one step and a checkpoint do."""
 
-    def __init__(self, cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, pretrained_text=None):
+    def __init__(self, cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, pretrained_text=None,
+                 device: torch.device = CPU, workers: int = 0):
         self.cfg, self.run_dir, self.vae, self.tokenizer = cfg, run_dir, vae, tokenizer
+        self.device = device
+        self.batches = StepBatches(cfg, "unet", cfg.batch_size, cfg.unet_steps, workers)
         self.ckpt_path = run_dir / "unet.pt"
         self.log, self.judged = loss_log(run_dir), judge_log(run_dir)
         torch.manual_seed(cfg.seed + 1)
@@ -572,6 +646,8 @@ class _UNetStage:
         self.unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
         if pretrained_text is not None:
             self.text_encoder.load_state_dict(pretrained_text.state_dict())
+        self.unet.to(device)
+        self.text_encoder.to(device)
         self.text_frozen = cfg.text_lr == 0
         self.text_encoder.requires_grad_(not self.text_frozen)
         self.modules = {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -595,6 +671,8 @@ class _UNetStage:
             self.text_encoder.load_state_dict(ck["text_encoder"])
             self.opt.load_state_dict(ck["optimizer"])
             self.ema.load_state_dict(ck["ema"])
+            self.ema.shadow = {name: {k: v.to(self.device) for k, v in sh.items()}
+                               for name, sh in self.ema.shadow.items()}
             set_rng_states(ck["rng"])
             self.at, self.ema_updates = Counter(ck["step"], ck["seconds"]), ck["ema_updates"]
             done = self.at.step
@@ -613,10 +691,12 @@ class _UNetStage:
         """The epsilon objective on step's batch (its noise, timesteps and caption drops)."""
         cfg = self.cfg
         g_step = step_generator(cfg.seed, "unet", step)
-        batch = batch_at(cfg, "unet", step, cfg.batch_size)
+        batch = self.batches.get(step)
         bs = len(batch["caption"])
+        dev = self.device
         with torch.no_grad():
-            lat = self.vae.encode(to_pm1(batch["image"])).latent_dist.sample(generator=g_step)
+            lat = self.vae.encode(to_pm1(batch["image"].to(dev))).latent_dist.sample(
+                generator=g_step)
             lat = lat * self.sf
         drop = torch.rand(bs, generator=g_step) < cfg.cfg_drop
         caps = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
@@ -625,11 +705,15 @@ class _UNetStage:
         if cfg.offset_noise:
             noise = noise + cfg.offset_noise * torch.randn(
                 (bs, lat.shape[1], 1, 1), generator=g_step)
+        noise, ts = noise.to(dev), ts.to(dev)
         noisy = self.noise_sched.add_noise(lat, noise, ts)
-        with torch.set_grad_enabled(not self.text_frozen):
-            ctx = encode_text(self.text_encoder, self.tokenizer, caps)
-        pred = self.unet(noisy, ts, ctx).sample
-        w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1], cfg.object_loss_weight)
+        # On a GPU the networks run under bf16 autocast (fp32 weights, optimiser and loss).
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.set_grad_enabled(not self.text_frozen):
+                ctx = encode_text(self.text_encoder, self.tokenizer, caps)
+            pred = self.unet(noisy, ts, ctx).sample.float()
+        w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1],
+                            cfg.object_loss_weight).to(dev)
              if cfg.object_loss_weight else None)
         return weighted_mse(pred, noise, w)
 
@@ -650,15 +734,15 @@ class _UNetStage:
             self.ema.copy_from(self.modules)
         return loss, cfg.unet_lr * lr_scale
 
-    def ema_models(self):
+    def ema_models(self, device: torch.device = CPU):
         u = C.build_unet(self.cfg.unet, cross_attention_dim=self.cfg.text.hidden_size)
         t = C.build_text_encoder(self.cfg.text)
         u.load_state_dict(self.ema.shadow["unet"])
         t.load_state_dict(self.ema.shadow["text_encoder"])
-        return u.eval(), t.eval()
+        return u.to(device).eval(), t.to(device).eval()
 
     def sample_grid(self, step: int) -> None:
-        u, t = self.ema_models()
+        u, t = self.ema_models(self.device)
         caps = list(self.cfg.sample_captions)
         imgs = [ddim_sample(u, t, self.tokenizer, self.vae, caps, steps=self.cfg.sample_steps,
                             seed=s) for s in range(2)]
@@ -667,7 +751,8 @@ class _UNetStage:
 
     def judge_row(self, step: int) -> dict:
         u, t = self.ema_models()
-        r = judge_reading(self.cfg, self.run_dir / "latest-model", self.vae, u, t, self.tokenizer)
+        r = judge_reading(self.cfg, self.run_dir / "latest-model", copy.deepcopy(self.vae).cpu(),
+                          u, t, self.tokenizer, self.device)
         self.judged.write({"stage": "unet", "step": step, "seconds": f"{self.at.seconds:.1f}",
                            **{k: "" if r[k] is None else f"{r[k]:.4f}"
                               for k in JUDGE_FIELDS[2:-1]}})
@@ -692,7 +777,8 @@ class _UNetStage:
         rows = [r for r in self.log.rows() if r["stage"] == "unet"]
         tail = [float(r["loss"]) for r in rows[-20:]]
         info = {"steps": self.at.step, "seconds": round(self.at.seconds, 1),
-                "final_loss": sum(tail) / max(1, len(tail)), "ema_updates": self.ema_updates}
+                "final_loss": sum(tail) / max(1, len(tail)), "ema_updates": self.ema_updates,
+                "device": device_name(self.device)}
         readings = [r for r in self.judged.rows() if r["stage"] == "unet"]
         if readings:
             info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
@@ -701,13 +787,13 @@ class _UNetStage:
 
 def train_unet(
     cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list,
-    pretrained_text=None,
+    pretrained_text=None, device: torch.device = CPU, workers: int = 0,
 ):
     """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early.
 
     `pretrained_text`: stage 0's encoder to start from (else a fresh one); with text_lr 0 it
     stays frozen."""
-    st = _UNetStage(cfg, run_dir, vae, tokenizer, pretrained_text)
+    st = _UNetStage(cfg, run_dir, vae, tokenizer, pretrained_text, device, workers)
     st.resume(resume)
     bar = _progress(cfg.unet_steps, st.at.step, "unet", progress)
     st.unet.train()
@@ -826,9 +912,16 @@ def train_builtin(
     *,
     stop_after: int | None = None,
     command: str | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
 ) -> dict:
     """Train (or resume) the built-in model and export it to ``out_dir`` (default:
     ``run_dir/model``; the packaged model is replaced only when ``out_dir`` names it).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``): where the autoencoder and UNet stages train (the
+    CPU reproduces a run bit for bit; a GPU rounds differently, under bf16 autocast).
+    ``workers``: processes that render scenes ahead of the steps (None: none on the CPU, where
+    the two cores are busy training, and up to 8 beside a GPU).
 
     ``stop_after`` stops after that many autoencoder and UNet optimisation steps in this call
     (as if the run had been killed after its last checkpoint; stage 0, a few minutes, always
@@ -844,7 +937,14 @@ def train_builtin(
             if (run_dir / name).exists():
                 (run_dir / name).unlink()
     _check_config(run_dir, cfg, resume)
-    return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command)
+    dev = train_device(device)
+    if dev.type == "cuda":  # fixed shapes: let cuDNN pick its fastest kernels; TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if workers is None:
+        workers = 0 if dev.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2))
+    return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command,
+                          dev, workers)
 
 
 def _train_builtin(
@@ -855,6 +955,8 @@ def _train_builtin(
     progress: bool,
     stop_after: int | None,
     command: str | None,
+    device: torch.device,
+    workers: int,
 ) -> dict:
     from dds.tokenizer import clip_tokenizer
 
@@ -863,14 +965,15 @@ def _train_builtin(
     t_start = time.time()
 
     pretrained_text, text_info = train_text(cfg, run_dir, tokenizer, resume, progress)
-    vae, vae_info = train_vae(cfg, run_dir, resume, progress, budget)
+    vae, vae_info = train_vae(cfg, run_dir, resume, progress, budget, device, workers)
     if vae is None:
         return {"finished": False, "stage": "vae"}
     unet, text_encoder, unet_info = train_unet(
-        cfg, run_dir, vae, tokenizer, resume, progress, budget, pretrained_text
+        cfg, run_dir, vae, tokenizer, resume, progress, budget, pretrained_text, device, workers
     )
     if unet is None:
         return {"finished": False, "stage": "unet"}
+    vae = vae.cpu()
 
     training = {
         "command": command or "python -m dds.builtin.train",
@@ -894,6 +997,9 @@ def _train_builtin(
             "transformers": _version("transformers"),
         },
         "threads": torch.get_num_threads(),  # the run's (the command line sets cfg.threads)
+        # Where this call trained (a resumed run's earlier stages may have run elsewhere: the
+        # autoencoder's own record is vae.device).
+        "device": device_name(device),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds_this_call": round(time.time() - t_start, 1),
     }
@@ -949,6 +1055,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads, set once for the whole run (default 2)")
+    p.add_argument("--device", default="auto",
+                   help="where the autoencoder and UNet train: auto (CUDA when present), cpu, "
+                   "cuda, cuda:N (the CPU reproduces a run bit for bit)")
+    p.add_argument("--data-workers", type=int, default=None,
+                   help="processes rendering scenes ahead of the steps (default: 0 on the CPU, "
+                   "up to 8 beside a GPU)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -991,6 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
         resume=not args.no_resume,
         progress=not args.quiet,
         command=command.strip(),
+        device=args.device,
+        workers=args.data_workers,
     )
     if res.get("finished"):
         print(
