@@ -172,10 +172,10 @@ def test_defaults_rule_prefers_success_then_truth():
     from dds.eval.builtin_quality import pick_defaults
 
     rows = [
-        {"lr": 0.03, "guidance": 3.0, "success": 0.25, "psnr_gt": 20.0},
-        {"lr": 0.1, "guidance": 7.5, "success": 0.50, "psnr_gt": 18.0},
-        {"lr": 0.2, "guidance": 7.5, "success": 0.54, "psnr_gt": 16.0},  # one edit more of 24
-        {"lr": 0.4, "guidance": 15.0, "success": 0.42, "psnr_gt": 25.0},
+        {"lr": 0.03, "guidance": 3.0, "success_pos": 0.25, "psnr_gt": 20.0},
+        {"lr": 0.1, "guidance": 7.5, "success_pos": 0.50, "psnr_gt": 18.0},
+        {"lr": 0.2, "guidance": 7.5, "success_pos": 0.54, "psnr_gt": 16.0},  # one edit of 24 more
+        {"lr": 0.4, "guidance": 15.0, "success_pos": 0.42, "psnr_gt": 25.0},
     ]
     # 0.50 is within one edit (1/24) of the best 0.54 and closer to the truth
     assert pick_defaults(rows, 24)["lr"] == 0.1
@@ -183,6 +183,10 @@ def test_defaults_rule_prefers_success_then_truth():
     assert pick_defaults(rows, 8)["lr"] == 0.4
     # with many edits only the best success counts
     assert pick_defaults(rows, 1000)["lr"] == 0.2
+    # success is position-aware: the attribute-only reading is not what ranks the rows
+    loose = [dict(r, success=1.0 - r["success_pos"]) for r in rows]
+    assert pick_defaults(loose, 1000)["lr"] == 0.2
+    assert pick_defaults(loose, 1000, key="success")["lr"] == 0.03
 
 
 def test_attribute_agreement_reads_each_field_left_to_right():
