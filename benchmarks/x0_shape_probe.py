@@ -33,7 +33,7 @@ def main() -> None:
     from dds.eval.experiments.common import encode01
     from dds.eval.world_edits import decode01, images_of
     from dds.models import get_model
-    from dds.score import alpha_sigma, guided_eps_captions, noise_input
+    from dds.score import guided_eps_captions, noise_input, x0_from_eps
     from dds.world import Judge, make_edit, sample_scene
 
     model, judge = get_model(args.model, device="cpu"), Judge.load()
@@ -65,9 +65,8 @@ def main() -> None:
             z_t = noise_input(z0, noise, t, schedule)
             e_src, e_tgt = guided_eps_captions(eps_fn, z_t, t, uncond, [c_src, c_tgt],
                                                args.guidance)
-            alpha, sigma = (s.view(-1, 1, 1, 1) for s in alpha_sigma(schedule, t))
-            kept = decode01(model, (z_t - sigma * e_src) / alpha)
-            moved = decode01(model, (z_t - sigma * e_tgt) / alpha)
+            kept = decode01(model, x0_from_eps(z_t, e_src, t, schedule))
+            moved = decode01(model, x0_from_eps(z_t, e_tgt, t, schedule))
             print(f"{t_value:4d}   {read(kept, kept_shape):18.1%}   {read(moved, moved_shape):34.1%}"
                   f"   {read(moved, kept_shape):20.1%}")
 

@@ -15,6 +15,7 @@ from dds.score import (
     sds_grad,
     timestep_weight,
     v_to_eps,
+    x0_from_eps,
 )
 
 T = 1000
@@ -42,6 +43,17 @@ def test_noise_input_closed_form():
     for i in range(2):
         a = A_BAR[t[i]]
         assert torch.allclose(z_t[i], a.sqrt() * z[i] + (1 - a).sqrt() * eps[i])
+
+
+def test_x0_from_eps_inverts_the_forward_process():
+    z, eps = torch.randn(3, 4, 3, 3), torch.randn(3, 4, 3, 3)
+    t = torch.tensor([0, 450, 999])
+    assert torch.allclose(x0_from_eps(noise_input(z, eps, t, A_BAR), eps, t, A_BAR), z, atol=1e-4)
+    # one scalar t for the whole batch, against the closed form
+    t0 = torch.tensor(300)
+    z_t = noise_input(z, eps, t0, A_BAR)
+    want = (z_t - (1 - A_BAR[300]).sqrt() * eps) / A_BAR[300].sqrt()
+    assert torch.equal(x0_from_eps(z_t, eps, t0, A_BAR), want)
 
 
 def test_cfg_limits():

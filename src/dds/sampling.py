@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from dds.models.base import expand_cond, spaced_timesteps
-from dds.score import guided_eps
+from dds.score import guided_eps, x0_from_eps
 
 
 def ddim_timesteps(steps: int, t_start: int = 999, n_train: int = 1000) -> list[int]:
@@ -24,9 +24,7 @@ def _x0_and_eps(model, z_t, t, cond_u, cond, w):
     b = z_t.shape[0]
     tt = torch.full((b,), t, dtype=torch.long, device=model.device)
     eps = guided_eps(model.predict_eps, z_t, tt, cond_u, cond, w)
-    a = model.schedule.a_bar(t)
-    x0 = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
-    return x0, eps
+    return x0_from_eps(z_t, eps, torch.as_tensor(t, device=model.device), model.schedule), eps
 
 
 @torch.no_grad()

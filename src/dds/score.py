@@ -46,6 +46,14 @@ def noise_input(z: Tensor, eps: Tensor, t: Tensor, schedule) -> Tensor:
     return alpha * z + sigma * eps
 
 
+def x0_from_eps(z_t: Tensor, eps: Tensor, t: Tensor, schedule) -> Tensor:
+    """The clean latent a noise prediction implies, x0 = (z_t - sigma_t eps) / alpha_t: the
+    inverse of `noise_input` for the same eps.  z_t, eps: (B,C,h,w); t: (B,) or () integer."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    alpha, sigma = (_per_sample(s.to(z_t.dtype), z_t.ndim) for s in (alpha, sigma))
+    return (z_t - sigma * eps) / alpha
+
+
 def cfg(eps_uncond: Tensor, eps_cond: Tensor, w: float) -> Tensor:
     """Classifier-free guidance eps_uncond + w (eps_cond - eps_uncond).
 
