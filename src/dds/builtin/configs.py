@@ -202,7 +202,8 @@ def fourth_gpu() -> TrainConfig:
     """The fourth release's networks trained on a GPU: the same text encoder stage, autoencoder
     and UNet architecture as ``fourth``, with the UNet seeing many more scenes (batch 256, a
     larger learning rate and a longer warm-up; ``--unet-steps`` sets the length).  Meant for
-    ``--device cuda``; on 2 CPU cores one step takes about 16 s."""
+    ``--device cuda``; on 2 CPU cores a step would take about 16 s (the fourth's 3 s per 48
+    scenes, scaled; not measured)."""
     return replace(
         fourth(),
         name="fourth-gpu",

@@ -91,7 +91,9 @@ def train_device(name: str = "auto") -> torch.device:
     """The device the autoencoder and UNet stages train on: ``auto`` takes CUDA when torch sees
     it, else the CPU (stage 0, a few minutes, always runs on the CPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from dds.models.diffusers_base import default_device
+
+        return default_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DDSError(f"--device {name} was asked for, but torch sees no CUDA device; "
                        "use --device cpu (or auto)")
