@@ -673,8 +673,7 @@ class _UNetStage:
             self.text_encoder.load_state_dict(ck["text_encoder"])
             self.opt.load_state_dict(ck["optimizer"])
             self.ema.load_state_dict(ck["ema"])
-            self.ema.shadow = {name: {k: v.to(self.device) for k, v in sh.items()}
-                               for name, sh in self.ema.shadow.items()}
+            self.ema.to(self.device)
             set_rng_states(ck["rng"])
             self.at, self.ema_updates = Counter(ck["step"], ck["seconds"]), ck["ema_updates"]
             done = self.at.step

@@ -265,6 +265,12 @@ class EMA:
                 else:
                     sh[k].copy_(v)
 
+    def to(self, device) -> EMA:
+        """Move the shadow tensors to `device` (where the modules it follows live)."""
+        self.shadow = {name: {k: v.to(device) for k, v in sh.items()}
+                       for name, sh in self.shadow.items()}
+        return self
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
