@@ -13,6 +13,7 @@ import torch
 
 from dds.builtin import configs as C
 from dds.builtin import train as T
+from dds.errors import DDSError
 
 
 def tiny_cfg() -> C.TrainConfig:
@@ -195,6 +196,56 @@ def test_step_batches_from_worker_processes_are_the_steps_own():
         assert torch.equal(got["image"], want["image"])
     assert not torch.equal(T.batch_at(cfg, "unet", 1, 3)["image"],
                            T.batch_at(cfg, "unet", 2, 3)["image"])
+
+
+def test_a_time_limit_exports_the_step_reached_and_resumes_to_the_same_weights(
+        full_run, tmp_path):
+    """--time-limit: the call stops at a step boundary, checkpoints there and (in the UNet
+    stage) exports that step's EMA weights as a loadable folder; the same command then resumes
+    to the weights of an uninterrupted run."""
+    run_dir, _, _ = full_run
+    cfg, run2, out = tiny_cfg(), tmp_path / "run", tmp_path / "m"
+    r = T.train_builtin(cfg, run2, out, progress=False, stop_after=cfg.vae_steps + 3)
+    assert not r["finished"] and r["stage"] == "unet"  # UNet checkpoint at step 2, step 3 lost
+    r = T.train_builtin(cfg, run2, out, progress=False, time_limit=1e-9)  # past at once
+    assert not r["finished"] and r["unet"]["stopped_at"].startswith("step 2 of 4")
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet"]["steps"] == 2 and "stopped_at" in record["unet"]
+    ck = torch.load(run2 / "unet.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    for k, v in ck["ema"]["shadow"]["unet"].items():
+        assert torch.equal(exported[k], v.to(exported[k].dtype)), k
+    r = T.train_builtin(cfg, run2, out, progress=False)
+    assert r["finished"] and "stopped_at" not in r["unet"]
+    a, b = _weights(run_dir), _weights(run2)
+    for part in a:
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    with pytest.raises(DDSError, match="--time-limit 0"):
+        T.config_from_args(T.build_parser().parse_args(["--time-limit", "0"]))
+
+
+def test_a_reused_batch_serves_consecutive_steps():
+    """With reuse k, steps s .. s+k-1 share batch_at(cfg, stage, s // k): the same from worker
+    processes as in place, also after a jump into the middle of a reuse group."""
+    cfg = tiny_cfg()
+    for workers in (0, 2):
+        ahead = T.StepBatches(cfg, "unet", 3, total=10, workers=workers, reuse=3)
+        assert ahead.rendered == 4  # steps 0-2, 3-5, 6-8, 9
+        for step in (0, 1, 2, 3, 7, 8, 9, 4):
+            got, want = ahead.get(step), T.batch_at(cfg, "unet", step // 3, 3)
+            assert got["caption"] == want["caption"], (workers, step)
+            assert torch.equal(got["image"], want["image"]), (workers, step)
+    with pytest.raises(DDSError, match="at least one step"):
+        T.StepBatches(cfg, "unet", 3, total=10, reuse=0)
+    p = T.build_parser()
+    assert T.config_from_args(p.parse_args(["--batch-reuse", "4"])).batch_reuse == 4
+    assert C.third().batch_reuse == C.fourth().batch_reuse == 1
+    with pytest.raises(DDSError, match="--batch-reuse 0"):
+        T.config_from_args(p.parse_args(["--batch-reuse", "0"]))
 
 
 def test_device_choice():

@@ -100,6 +100,11 @@ class TrainConfig:
     # Stage 2: UNet + text encoder (text_lr 0: the text encoder stays frozen, as in SD).
     unet_steps: int = 3000
     batch_size: int = 48
+    # Steps that each rendered batch of scenes serves (each with its own noise, timesteps and
+    # caption drops), as epochs over a dataset do: on a GPU the scene renderer, not the UNet,
+    # caps the scenes a second, and reuse trades fresh scenes for more steps (1: every step
+    # renders its own scenes, as every release so far was trained).
+    batch_reuse: int = 1
     unet_lr: float = 1.5e-3
     text_lr: float = 0.0
     unet_warmup: int = 200

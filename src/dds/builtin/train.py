@@ -102,6 +102,12 @@ def train_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def default_workers(device: torch.device) -> int:
+    """Scene-rendering processes when none are asked for: none on the CPU (they would share
+    its cores with the training), up to 8 beside a GPU, leaving two cores to the trainer."""
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2))
+
+
 def device_name(device: torch.device) -> str:
     """What a training.json records as the machine: the GPU's name, or the CPU's."""
     if device.type == "cuda":
@@ -110,7 +116,7 @@ def device_name(device: torch.device) -> str:
 
 
 class _StepData(torch.utils.data.Dataset):
-    """Item i: the whole batch of step ``start + i`` (what ``batch_at`` renders)."""
+    """Item i: the whole batch of rendered batch ``start + i`` (what ``batch_at`` renders)."""
 
     def __init__(self, cfg: C.TrainConfig, stage: str, batch_size: int, start: int, total: int):
         self.cfg, self.stage, self.bs, self.start, self.total = cfg, stage, batch_size, start, total
@@ -124,26 +130,37 @@ class _StepData(torch.utils.data.Dataset):
 
 class StepBatches:
     """A stage's batches in step order: rendered in place (``workers`` 0), or by ``workers``
-    processes a few steps ahead, so that a GPU does not wait for the CPU's scene renderer.
-    Either way step s gets exactly ``batch_at(cfg, stage, s, batch_size)``."""
+    processes a few batches ahead, so that a GPU does not wait for the CPU's scene renderer.
+    Each rendered batch serves ``reuse`` consecutive steps (each step still draws its own
+    noise, timesteps and caption drops): step s gets exactly
+    ``batch_at(cfg, stage, s // reuse, batch_size)``, however the batches were rendered."""
 
     def __init__(self, cfg: C.TrainConfig, stage: str, batch_size: int, total: int,
-                 workers: int = 0):
-        self.cfg, self.stage, self.bs, self.total, self.workers = (
-            cfg, stage, batch_size, total, workers)
-        self._it, self._next = None, None
+                 workers: int = 0, reuse: int = 1):
+        if reuse < 1:
+            raise DDSError(f"a rendered batch must serve at least one step, not {reuse}")
+        self.cfg, self.stage, self.bs, self.workers, self.reuse = (
+            cfg, stage, batch_size, workers, reuse)
+        self.rendered = -(-total // reuse)  # batches the stage renders in all
+        self._it, self._next, self._last = None, None, (None, None)
 
     def get(self, step: int) -> dict[str, Any]:
+        index = step // self.reuse
+        if self._last[0] == index:
+            return self._last[1]
         if self.workers <= 0:
-            return batch_at(self.cfg, self.stage, step, self.bs)
-        if self._it is None or step != self._next:
-            loader = torch.utils.data.DataLoader(
-                _StepData(self.cfg, self.stage, self.bs, step, self.total), batch_size=None,
-                shuffle=False, num_workers=self.workers, prefetch_factor=4,
-                collate_fn=lambda b: b)
-            self._it = iter(loader)
-        self._next = step + 1
-        return next(self._it)
+            batch = batch_at(self.cfg, self.stage, index, self.bs)
+        else:
+            if self._it is None or index != self._next:
+                loader = torch.utils.data.DataLoader(
+                    _StepData(self.cfg, self.stage, self.bs, index, self.rendered),
+                    batch_size=None, shuffle=False, num_workers=self.workers,
+                    prefetch_factor=4, collate_fn=lambda b: b)
+                self._it = iter(loader)
+            self._next = index + 1
+            batch = next(self._it)
+        self._last = (index, batch)
+        return batch
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -222,6 +239,25 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 @dataclass
+class StepBudget:
+    """What one call of the trainer may still spend: optimisation steps (None: any number) and
+    wall-clock time (a ``time.monotonic()`` deadline; None: no limit)."""
+
+    steps: int | None = None
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def spent(self) -> bool:
+        return (self.steps is not None and self.steps <= 0) or self.out_of_time()
+
+    def take(self) -> None:
+        if self.steps is not None:
+            self.steps -= 1
+
+
+@dataclass
 class Counter:
     """Where a stage is: optimisation steps done and seconds spent in them (checkpointed)."""
 
@@ -230,15 +266,15 @@ class Counter:
 
 
 def run_steps(stage: str, total: int, at: Counter, cfg: C.TrainConfig, log: CsvLog, bar,
-              budget: list, one_step: Callable[[int], tuple[torch.Tensor, float]],
+              budget: StepBudget, one_step: Callable[[int], tuple[torch.Tensor, float]],
               after: Callable[[int], None]) -> bool:
     """The loop every stage shares: ``one_step(step)`` (returns the loss and the learning rate
     to log) until ``total``, logging the mean loss every ``log_every`` steps and calling
-    ``after(step)`` (checkpoints, samples) after each.  ``budget[0]`` (None: unlimited) is the
-    number of steps this call may still take; False when it ran out first."""
+    ``after(step)`` (checkpoints, samples) after each, while ``budget`` lasts; False when it
+    ran out first."""
     acc, n_acc = 0.0, 0
     while at.step < total:
-        if budget[0] is not None and budget[0] <= 0:
+        if budget.spent():
             if bar:
                 bar.close()
             return False
@@ -246,8 +282,7 @@ def run_steps(stage: str, total: int, at: Counter, cfg: C.TrainConfig, log: CsvL
         loss, lr = one_step(at.step)
         at.step += 1
         at.seconds += time.perf_counter() - t0
-        if budget[0] is not None:
-            budget[0] -= 1
+        budget.take()
         acc, n_acc = acc + loss.detach().item(), n_acc + 1
         if at.step % cfg.log_every == 0 or at.step == total:
             log.write(loss_row(stage, at.step, acc / n_acc, lr, at.seconds))
@@ -380,7 +415,7 @@ def train_text(cfg: C.TrainConfig, run_dir: Path, tokenizer, resume: bool, progr
         return loss, lr
 
     at = Counter()
-    run_steps("text", total, at, cfg, log, _progress(total, 0, "text", progress), [None],
+    run_steps("text", total, at, cfg, log, _progress(total, 0, "text", progress), StepBudget(),
               one_step, lambda step: None)
     with torch.no_grad():
         held_out = captions_at(cfg, "eval", 0, 512)
@@ -472,7 +507,7 @@ def _vae_info(vae, cfg: C.TrainConfig, at: Counter) -> dict:
     }
 
 
-def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: list,
+def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, budget: StepBudget,
               device: torch.device = CPU, workers: int = 0):
     """Stage 1 on ``device``. Returns (vae, info) once finished, or (None, info) when stopped
     early."""
@@ -528,6 +563,8 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
     vae.train()
     bar = _progress(cfg.vae_steps, at.step, "vae", progress)
     if not run_steps("vae", cfg.vae_steps, at, cfg, log, bar, budget, one_step, after):
+        if budget.out_of_time():  # keep every step done: the next call resumes from here
+            save_state(_vae_state(cfg, vae, opt, at, False, info), ckpt_path)
         return None, info
     vae.eval().requires_grad_(False)
     info = _vae_info(vae, cfg, at)
@@ -640,7 +677,8 @@ class _UNetStage:
                  device: torch.device = CPU, workers: int = 0):
         self.cfg, self.run_dir, self.vae, self.tokenizer = cfg, run_dir, vae, tokenizer
         self.device = device
-        self.batches = StepBatches(cfg, "unet", cfg.batch_size, cfg.unet_steps, workers)
+        self.batches = StepBatches(cfg, "unet", cfg.batch_size, cfg.unet_steps, workers,
+                                   cfg.batch_reuse)
         self.ckpt_path = run_dir / "unet.pt"
         self.log, self.judged = loss_log(run_dir), judge_log(run_dir)
         torch.manual_seed(cfg.seed + 1)
@@ -787,10 +825,12 @@ class _UNetStage:
 
 
 def train_unet(
-    cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool, budget: list,
-    pretrained_text=None, device: torch.device = CPU, workers: int = 0,
+    cfg: C.TrainConfig, run_dir: Path, vae, tokenizer, resume: bool, progress: bool,
+    budget: StepBudget, pretrained_text=None, device: torch.device = CPU, workers: int = 0,
 ):
-    """Stage 2. Returns (unet_ema, text_ema, info) or (None, None, info) when stopped early.
+    """Stage 2. Returns (unet_ema, text_ema, info), or (None, None, info) when the step budget
+    ran out first; when the time ran out, the step reached is checkpointed and its EMA weights
+    returned, with ``info["stopped_at"]`` (the run resumes from that checkpoint).
 
     `pretrained_text`: stage 0's encoder to start from (else a fresh one); with text_lr 0 it
     stays frozen."""
@@ -801,7 +841,12 @@ def train_unet(
     st.text_encoder.train(not st.text_frozen)
     if not run_steps("unet", cfg.unet_steps, st.at, cfg, st.log, bar, budget, st.one_step,
                      lambda step: st.after(step, bar)):
-        return None, None, {}
+        if not budget.out_of_time() or st.at.step == 0:
+            return None, None, {}
+        st.save()
+        u, t = st.ema_models()
+        return u, t, {**st.info(), "stopped_at": f"step {st.at.step} of {cfg.unet_steps} "
+                      "(time limit; the same command resumes)"}
     u, t = st.ema_models()
     return u, t, st.info()
 
@@ -912,6 +957,7 @@ def train_builtin(
     progress: bool = True,
     *,
     stop_after: int | None = None,
+    time_limit: float | None = None,
     command: str | None = None,
     device: str = "cpu",
     workers: int | None = None,
@@ -926,7 +972,11 @@ def train_builtin(
 
     ``stop_after`` stops after that many autoencoder and UNet optimisation steps in this call
     (as if the run had been killed after its last checkpoint; stage 0, a few minutes, always
-    runs to its end); the return value then has ``"finished": False``.  Torch's thread count
+    runs to its end); the return value then has ``"finished": False``.  ``time_limit``
+    (seconds of this call) stops at the first step boundary past it, checkpointing there; in
+    the UNet stage the EMA weights of that step are exported as a complete folder all the
+    same (``"finished": False``, ``training.json``'s ``unet.stopped_at`` says where), so a
+    timed run always leaves a usable model and resumes with the same command.  Torch's thread count
     is the caller's: the command line sets ``cfg.threads`` once for the whole run.
     """
 
@@ -943,9 +993,10 @@ def train_builtin(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if workers is None:
-        workers = 0 if dev.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2))
-    return _train_builtin(cfg, run_dir, out_dir, resume, progress, stop_after, command,
-                          dev, workers)
+        workers = default_workers(dev)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    return _train_builtin(cfg, run_dir, out_dir, resume, progress,
+                          StepBudget(stop_after, deadline), command, dev, workers)
 
 
 def _train_builtin(
@@ -954,7 +1005,7 @@ def _train_builtin(
     out_dir: Path,
     resume: bool,
     progress: bool,
-    stop_after: int | None,
+    budget: StepBudget,
     command: str | None,
     device: torch.device,
     workers: int,
@@ -962,7 +1013,6 @@ def _train_builtin(
     from dds.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
-    budget = [stop_after]
     t_start = time.time()
 
     pretrained_text, text_info = train_text(cfg, run_dir, tokenizer, resume, progress)
@@ -1009,7 +1059,7 @@ def _train_builtin(
     training["size_mb"] = round(folder_size_mb(out_dir), 2)
     atomic_write_text(out_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
     atomic_write_text(run_dir / "training.json", json.dumps(training, indent=2, default=str) + "\n")
-    return {"finished": True, "out_dir": str(out_dir), **training}
+    return {"finished": "stopped_at" not in unet_info, "out_dir": str(out_dir), **training}
 
 
 def _version(name: str) -> str:
@@ -1037,6 +1087,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="UNet-stage batch size")
+    p.add_argument("--batch-reuse", type=int, default=None,
+                   help="UNet steps each rendered batch of scenes serves, each with fresh noise "
+                   "and timesteps (default 1: fresh scenes every step; more when the scene "
+                   "renderer, not the GPU, limits the steps a second)")
     p.add_argument("--offset-noise", type=float, default=None,
                    help="std of the per-channel constant added to the UNet's training noise")
     p.add_argument("--object-loss-weight", type=float, default=None,
@@ -1062,6 +1116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-workers", type=int, default=None,
                    help="processes rendering scenes ahead of the steps (default: 0 on the CPU, "
                    "up to 8 beside a GPU)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop at the first step past this many seconds, checkpointed; in the "
+                   "UNet stage the model reached is exported all the same (the same command "
+                   "resumes)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -1069,12 +1127,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> C.TrainConfig:
     """The run's config: the tiny recipe or the named preset, with the options given."""
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise DDSError(f"--time-limit {args.time_limit:g}: give a positive number of seconds")
+    if args.batch_reuse is not None and args.batch_reuse < 1:
+        raise DDSError(f"--batch-reuse {args.batch_reuse}: each rendered batch must serve at "
+                       "least one step; give 1 or more")
     return C.with_overrides(
         C.tiny() if args.tiny else C.PRESETS[getattr(args, "preset", "third")](),
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
         batch_size=args.batch_size,
+        batch_reuse=args.batch_reuse,
         threads=args.threads,
         offset_noise=args.offset_noise,
         judge_every=args.judge_every,
@@ -1104,10 +1168,14 @@ def main(argv: list[str] | None = None) -> int:
         resume=not args.no_resume,
         progress=not args.quiet,
         command=command.strip(),
+        time_limit=args.time_limit,
         device=args.device,
         workers=args.data_workers,
     )
-    if res.get("finished"):
+    if "out_dir" in res and not res["finished"]:
+        print(f"time limit: exported {res['out_dir']} ({res['size_mb']} MB) at "
+              f"{res['unet']['stopped_at']}")
+    elif res.get("finished"):
         print(
             f"exported {res['out_dir']} ({res['size_mb']} MB); "
             f"VAE PSNR {res['vae']['heldout_psnr_db']:.2f} dB, "
