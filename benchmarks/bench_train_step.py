@@ -89,16 +89,22 @@ def main() -> None:
 
 
 def render_rate(batches, n: int, batch_size: int) -> float:
-    """Scenes a second that ``batches`` (a ``StepBatches``) delivers, after its first two
-    batches (the worker processes' start-up)."""
+    """Scenes a second that ``batches`` (a ``StepBatches``) delivers in steady state: timed
+    over ``n`` batches once the batches its workers rendered ahead during their start-up are
+    drained (those would arrive at the speed of a queue, not of the renderer); the workers are
+    stopped afterwards, so that they do not share the CPU with the step probe."""
     import time
 
-    for step in range(2):
-        batches.get(step)
-    start = time.perf_counter()
-    for step in range(2, 2 + n):
-        batches.get(step)
-    return n * batch_size / (time.perf_counter() - start)
+    ahead = 2 + batches.workers * batches.PREFETCH
+    try:
+        for step in range(ahead):
+            batches.get(step)
+        start = time.perf_counter()
+        for step in range(ahead, ahead + n):
+            batches.get(step)
+        return n * batch_size / (time.perf_counter() - start)
+    finally:
+        batches.close()
 
 
 if __name__ == "__main__":

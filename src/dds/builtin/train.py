@@ -135,6 +135,8 @@ class StepBatches:
     noise, timesteps and caption drops): step s gets exactly
     ``batch_at(cfg, stage, s // reuse, batch_size)``, however the batches were rendered."""
 
+    PREFETCH = 4  # batches each worker process renders ahead
+
     def __init__(self, cfg: C.TrainConfig, stage: str, batch_size: int, total: int,
                  workers: int = 0, reuse: int = 1):
         if reuse < 1:
@@ -155,12 +157,16 @@ class StepBatches:
                 loader = torch.utils.data.DataLoader(
                     _StepData(self.cfg, self.stage, self.bs, index, self.rendered),
                     batch_size=None, shuffle=False, num_workers=self.workers,
-                    prefetch_factor=4, collate_fn=lambda b: b)
+                    prefetch_factor=self.PREFETCH, collate_fn=lambda b: b)
                 self._it = iter(loader)
             self._next = index + 1
             batch = next(self._it)
         self._last = (index, batch)
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they would otherwise render on, unread, until collected)."""
+        self._it, self._next = None, None
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
