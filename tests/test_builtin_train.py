@@ -63,6 +63,20 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
     for k in ("all_attributes", "objects", "object_shape", "object_color", "background"):
         assert float(readings[-1][k]) == pytest.approx(again[k], abs=1e-4), k
     assert res["unet"]["judge_final"]["step"] == "4"
+    # ... and the caption gap beside it, recomputed on the exported model.
+    from dds.eval.caption_gap import caption_gaps, gap_scenes
+
+    with open(run_dir / "gap.csv", newline="") as f:
+        gaps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in gaps] == [2, 4]
+    scenes, caps = gap_scenes(2 * cfg.judge_prompts, 10_000)
+    rows = caption_gaps(StableDiffusionModel(model_dir), scenes,
+                        {k: caps[k] for k in ("own", *T.GAP_WORDS)}, T.GAP_T, 10_000)
+    for r in (r for r in rows if r["region"] == "object"):
+        for w in T.GAP_WORDS:
+            assert float(gaps[-1][f"{w}_{r['t']}"]) == pytest.approx(r[w]["gap_x1000"], abs=2e-3)
+            assert float(gaps[-1][f"{w}_{r['t']}_ci"]) == pytest.approx(r[w]["ci95"], abs=2e-3)
+    assert res["unet"]["caption_gap_final"]["step"] == "4"
     index = json.loads((model_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["requires_safety_checker"] is False
@@ -134,8 +148,9 @@ def test_killed_runs_resume_to_identical_weights(full_run, tmp_path):
     with open(run2 / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2] + [1, 2, 3, 4] * 2
-    with open(run2 / "eval.csv", newline="") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
+    for name in ("eval.csv", "gap.csv"):
+        with open(run2 / name, newline="") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4], name
 
 
 def test_resume_refuses_a_different_model(full_run):

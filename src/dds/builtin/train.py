@@ -55,6 +55,13 @@ CPU = torch.device("cpu")
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
 JUDGE_FIELDS = ["stage", "step", "all_attributes", "objects", "object_shape", "object_color",
                 "background", "texture", "seconds"]
+# The caption gap beside each judge reading (RUN/gap.csv, `dds.eval.caption_gap`): how much the
+# shape and colour words lower the UNet's loss on the object's cells at these timesteps, x 1000,
+# with 95% half-widths; it shows a word's use long before a judge can read it in a sample.
+GAP_T = (300, 500, 700)
+GAP_WORDS = ("shape", "colour")
+GAP_FIELDS = ["stage", "step", *(f"{w}_{t}{ci}" for w in GAP_WORDS for t in GAP_T
+                                 for ci in ("", "_ci"))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +224,10 @@ def loss_log(run_dir: Path) -> CsvLog:
 
 def judge_log(run_dir: Path) -> CsvLog:
     return CsvLog(run_dir / "eval.csv", JUDGE_FIELDS)
+
+
+def gap_log(run_dir: Path) -> CsvLog:
+    return CsvLog(run_dir / "gap.csv", GAP_FIELDS)
 
 
 def truncate_after(log: CsvLog, stage: str, step: int) -> None:
@@ -586,11 +597,9 @@ def train_vae(cfg: C.TrainConfig, run_dir: Path, resume: bool, progress: bool, b
 
 def object_weights(scenes, image_size: int, latent_size: int, weight: float) -> torch.Tensor:
     """(B,1,h,w) loss weights 1 + weight * (the objects' coverage of each latent cell)."""
-    from dds.world.scene import object_masks
+    from dds.eval.caption_gap import object_cover
 
-    cover = np.stack([object_masks(s, image_size).max(axis=0, initial=0.0) for s in scenes])
-    cells = F.adaptive_avg_pool2d(torch.from_numpy(cover)[:, None], latent_size)
-    return 1.0 + weight * cells
+    return 1.0 + weight * object_cover(scenes, latent_size, image_size)
 
 
 def weighted_mean(err: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -660,10 +669,11 @@ def ddim_sample(
 
 
 def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, tokenizer,
-                  device: torch.device = CPU) -> dict:
+                  device: torch.device = CPU) -> tuple[dict, dict]:
     """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
     backend, how often the judge reads back every attribute of held-out single-object prompts
-    (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts)."""
+    (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts), and
+    the caption gap of the shape and colour words on twice as many held-out scenes."""
     from dds.eval.builtin_quality import eval_generation
     from dds.models.stable_diffusion import StableDiffusionModel
     from dds.world import Judge
@@ -673,7 +683,18 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
                         batch_size=min(50, cfg.judge_prompts), quiet=True)
     r.pop("samples")
-    return r
+    return r, gap_reading(backend, 2 * cfg.judge_prompts)
+
+
+def gap_reading(backend, n: int, seed: int = 10_000) -> dict[str, float]:
+    """`GAP_FIELDS`' values: the object cells' caption gap of each of `GAP_WORDS` at `GAP_T`."""
+    from dds.eval.caption_gap import caption_gaps, gap_scenes
+
+    scenes, captions = gap_scenes(n, seed)
+    rows = caption_gaps(backend, scenes, {k: captions[k] for k in ("own", *GAP_WORDS)}, GAP_T,
+                        seed)
+    return {f"{w}_{r['t']}{ci}": r[w][key] for r in rows if r["region"] == "object"
+            for w in GAP_WORDS for ci, key in (("", "gap_x1000"), ("_ci", "ci95"))}
 
 
 class _UNetStage:
@@ -686,7 +707,7 @@ class _UNetStage:
         self.batches = StepBatches(cfg, "unet", cfg.batch_size, cfg.unet_steps, workers,
                                    cfg.batch_reuse)
         self.ckpt_path = run_dir / "unet.pt"
-        self.log, self.judged = loss_log(run_dir), judge_log(run_dir)
+        self.log, self.judged, self.gaps = loss_log(run_dir), judge_log(run_dir), gap_log(run_dir)
         torch.manual_seed(cfg.seed + 1)
         self.text_encoder = C.build_text_encoder(cfg.text)
         self.unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
@@ -723,6 +744,7 @@ class _UNetStage:
             done = self.at.step
         truncate_after(self.log, "unet", done)
         truncate_after(self.judged, "unet", done)
+        truncate_after(self.gaps, "unet", done)
 
     def save(self) -> None:
         save_state({"stage": "unet", "config": self.cfg.to_dict(), "unet": self.unet.state_dict(),
@@ -796,12 +818,13 @@ class _UNetStage:
 
     def judge_row(self, step: int) -> dict:
         u, t = self.ema_models()
-        r = judge_reading(self.cfg, self.run_dir / "latest-model", copy.deepcopy(self.vae).cpu(),
-                          u, t, self.tokenizer, self.device)
+        r, gaps = judge_reading(self.cfg, self.run_dir / "latest-model",
+                                copy.deepcopy(self.vae).cpu(), u, t, self.tokenizer, self.device)
         self.judged.write({"stage": "unet", "step": step, "seconds": f"{self.at.seconds:.1f}",
                            **{k: "" if r[k] is None else f"{r[k]:.4f}"
                               for k in JUDGE_FIELDS[2:-1]}})
-        return r
+        self.gaps.write({"stage": "unet", "step": step, **{k: f"{v:.3f}" for k, v in gaps.items()}})
+        return {**r, "gaps": gaps}
 
     def after(self, step: int, bar) -> None:
         cfg = self.cfg
@@ -816,7 +839,9 @@ class _UNetStage:
                 bar.write(f"step {step}: judge agrees with every attribute of "
                           f"{reading['all_attributes']:.0%} of {reading['n']} prompts "
                           f"(object shape {reading['object_shape']:.0%}, "
-                          f"colour {reading['object_color']:.0%})")
+                          f"colour {reading['object_color']:.0%}); caption gap at t = 500, "
+                          f"shape {reading['gaps']['shape_500']:+.2f}, "
+                          f"colour {reading['gaps']['colour_500']:+.2f}")
 
     def info(self) -> dict:
         rows = [r for r in self.log.rows() if r["stage"] == "unet"]
@@ -827,6 +852,9 @@ class _UNetStage:
         readings = [r for r in self.judged.rows() if r["stage"] == "unet"]
         if readings:
             info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
+        gaps = [r for r in self.gaps.rows() if r["stage"] == "unet"]
+        if gaps:
+            info["caption_gap_final"] = {k: v for k, v in gaps[-1].items() if k != "stage"}
         return info
 
 

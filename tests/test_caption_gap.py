@@ -1,0 +1,73 @@
+"""The caption gap (`dds.eval.caption_gap`) against closed forms on a stub backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dds.eval.caption_gap import caption_gaps, gap_scenes, object_cover
+from dds.models.base import NoiseSchedule
+from dds.world import parse_caption
+
+
+class ConstantBackend:
+    """Latents are zero; the k-th prompt list encoded predicts the constant 0.1 * k everywhere
+    (the own captions, encoded first, predict 0)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, x):
+        return torch.zeros(x.shape[0], 4, 8, 8)
+
+    def schedule_for(self, shape):
+        return NoiseSchedule(torch.linspace(0.99, 0.01, 1000))
+
+    def encode_prompt(self, prompts):
+        self.calls += 1
+        return torch.full((len(prompts),), 0.1 * (self.calls - 1))
+
+    def predict_eps(self, z_t, t, cond):
+        return cond[:, None, None, None].expand(z_t.shape)
+
+
+def test_gap_scenes_change_exactly_one_word():
+    scenes, caps = gap_scenes(12, seed=3)
+    assert len(scenes) == 12 and all(len(s.objects) == 1 for s in scenes)
+    assert caps["empty"] == [""] * 12
+    for i in range(12):
+        own = parse_caption(caps["own"][i])
+        for word, field in (("shape", "shape"), ("colour", "color")):
+            other = parse_caption(caps[word][i])
+            assert other["objects"][0][field] != own["objects"][0][field]
+            assert other["background"] == own["background"]
+        assert parse_caption(caps["background"][i])["background"] != own["background"]
+    upright, _ = gap_scenes(12, seed=3, upright=True)
+    assert all(o.angle == 0.0 for s in upright for o in s.objects)
+    assert [s.objects[0].shape for s in upright] == [s.objects[0].shape for s in scenes]
+
+
+def test_caption_gap_matches_the_closed_form_of_a_constant_prediction():
+    # A constant prediction c against the noise n: MSE(c) - MSE(0) = c^2 - 2 c mean(n), over the
+    # whole latent and, weighted by the object's coverage, over its cells.
+    scenes, caps = gap_scenes(6, seed=1)
+    seed = 7
+    rows = caption_gaps(ConstantBackend(), scenes, {k: caps[k] for k in ("own", "shape", "colour")},
+                        [100, 800], seed, batch=4)
+    noise = torch.randn((6, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).double()
+    cover = object_cover(scenes, 8).double()
+    n_mean = {"whole": noise.mean(dim=(1, 2, 3)).numpy(),
+              "object": ((noise.mean(dim=1, keepdim=True) * cover).sum(dim=(1, 2, 3))
+                         / cover.sum(dim=(1, 2, 3))).numpy()}
+    assert [(r["t"], r["region"]) for r in rows] == [(100, "whole"), (100, "object"),
+                                                     (800, "whole"), (800, "object")]
+    for r in rows:
+        assert r["own_mse"] == pytest.approx(float(noise.square().mean()), rel=0.2)
+        for k, c in (("shape", 0.1), ("colour", 0.2)):
+            per_scene = 1000.0 * (c * c - 2.0 * c * n_mean[r["region"]])
+            assert r[k]["gap_x1000"] == pytest.approx(per_scene.mean(), abs=1e-3)
+            half = 1.96 * per_scene.std(ddof=1) / np.sqrt(6)
+            assert r[k]["ci95"] == pytest.approx(half, abs=1e-3)
