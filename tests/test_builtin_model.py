@@ -61,10 +61,10 @@ def test_loads_through_backend():
     from dds.models.stable_diffusion import StableDiffusionModel
 
     b = StableDiffusionModel(BUILTIN_DIR, device="cpu")
-    assert b.native_size == 64 and b.vae_scale_factor == 4
+    assert b.native_size == 64 and b.vae_scale_factor == 2
     assert b.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     x = torch.zeros(1, 3, 64, 64)
-    assert b.encode(x).shape == (1, 4, 16, 16)
+    assert b.encode(x).shape == (1, 4, 32, 32)
 
 
 def test_stock_pipelines_load_and_run():
