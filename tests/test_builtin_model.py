@@ -16,8 +16,11 @@ def test_folder_is_small_and_documented():
     weights = list(BUILTIN_DIR.rglob("*.safetensors"))
     assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert sum(p.stat().st_size for p in weights) <= 30 * 2**20
+    from dds.pipeline import SCHEDULE_KEYS
+
     defaults = json.loads((BUILTIN_DIR / "dds_edit_defaults.json").read_text())
-    assert set(defaults) <= {"lr", "guidance", "steps"}
+    assert set(defaults) <= {"lr", "guidance", "steps", "dds"}
+    assert set(defaults.get("dds", {})) <= set(SCHEDULE_KEYS)  # `dds eval schedules --write`
 
 
 def test_training_record_reproduces_the_shipped_configs_and_weights():

@@ -262,6 +262,12 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
             "psnr_gain_diff"])
     assert set(s["winners"]) == {"2"} and (out / "schedules.png").is_file()
     assert s["reference_calls"] == 4
+    # --write's recommendation: the winner at the fewest calls, as EditConfig fields
+    win = rows.get(s["winners"]["2"])
+    assert s["recommended"] == (None if win is None else {
+        "schedule": win["schedule"], "steps": win["steps"], "step_rule": win["step_rule"],
+        "n_avg": win["n_avg"], "optimizer": win["optimizer"],
+        **({"lr": win["lr"]} if win["lr"] is not None else {})})
     # the rule: worse outside the interval on any compared metric -> no match
     bad = {"success_pos": {"verdict": "no difference"}, "psnr_gain": {"verdict": "reference better"}}
     assert not matches(bad) and matches({"x": {"verdict": "setting better"}})
@@ -467,6 +473,25 @@ def test_builtin_defaults_write_needs_a_named_folder(tmp_path):
     assert _defaults_target(parse(["eval", "builtin-defaults", "--write",
                                    "--model", str(tmp_path)])) == tmp_path
     assert _defaults_target(parse(["eval", "builtin-defaults"])) is None
+    assert _defaults_target(parse(["eval", "schedules", "--write", str(tmp_path)])) == tmp_path
+    args = parse(["eval", "drift", "--write", str(tmp_path)])
+    with pytest.raises(DDSError, match="drift chooses nothing"):
+        args.func(args)  # refused before any model is loaded
+
+
+def test_section5_experiments_edit_on_the_papers_schedule(tmp_path):
+    """A model's recommended schedule is the users' default, not the paper's experiments':
+    their editing settings stay the reference recipe's steps and uniform t."""
+    from types import SimpleNamespace
+
+    from dds.loop import EditConfig
+
+    model = SimpleNamespace(edit_defaults={"lr": 0.03, "dds": {"schedule": "descending",
+                                                                "steps": 50}})
+    cfg = Context(model=model, out=tmp_path, quiet=True).edit_cfg()
+    assert (cfg.schedule, cfg.steps, cfg.lr) == ("reference", EditConfig.steps, 0.03)
+    cfg = Context(model=model, out=tmp_path, quiet=True).edit_cfg(schedule="descending", steps=9)
+    assert (cfg.schedule, cfg.steps) == ("descending", 9)
 
 
 def test_plots_leave_the_process_matplotlib_state_alone(tmp_path):

@@ -91,3 +91,54 @@ def test_an_aspect_change_over_two_percent_gets_a_note(pipe):
     assert p.input.size == (16, 8) and len(p.notes) == 1 and "22.0%" in p.notes[0]
     square = Image.new("RGB", (40, 40), "white")
     assert pipe.prepare(EditRequest(square, "a", "b", size=16)).notes == ()
+
+
+RECOMMENDS = {"lr": 0.03, "guidance": 7.5,
+              "dds": {"schedule": "descending", "steps": 50, "step_rule": "budget"}}
+
+
+def test_a_recommended_schedule_is_the_default_and_naming_one_sets_it_aside():
+    """A model folder's recommended schedule (under the method's name) is what an edit gets by
+    default; naming a schedule (`--schedule reference`) gives the reference recipe's steps and
+    step rule back while keeping the model's lr and guidance; setting steps alone keeps it."""
+    from types import SimpleNamespace
+
+    from dds.pipeline import edit_config
+
+    model = SimpleNamespace(edit_defaults=RECOMMENDS)
+    got = edit_config(model)
+    assert (got.schedule, got.steps, got.step_rule, got.lr) == ("descending", 50, "budget", 0.03)
+    ref = edit_config(model, schedule="reference")
+    assert (ref.schedule, ref.steps, ref.step_rule, ref.n_avg, ref.optimizer) == (
+        "reference", EditConfig.steps, "constant", 1, "sgd")
+    assert (ref.lr, ref.guidance) == (0.03, 7.5)
+    assert edit_config(model, schedule="stratified").steps == EditConfig.steps
+    assert (edit_config(model, steps=25).schedule, edit_config(model, steps=25).steps) == (
+        "descending", 25)
+    assert edit_config(model, method="sds").schedule == "reference"  # measured for DDS only
+    adam = SimpleNamespace(edit_defaults={**RECOMMENDS, "dds": {
+        "schedule": "stratified", "steps": 25, "optimizer": "adam", "lr": 0.01}})
+    assert (edit_config(adam).optimizer, edit_config(adam).lr) == ("adam", 0.01)
+    back = edit_config(adam, schedule="reference")
+    assert (back.optimizer, back.lr, back.steps) == ("sgd", 0.03, EditConfig.steps)
+
+
+def test_writing_defaults_merges_lr_guidance_and_the_schedule(tmp_path):
+    from dds.eval.cli import _write_schedule, write_edit_defaults
+
+    path = tmp_path / "dds_edit_defaults.json"
+    path.write_text(json.dumps({"lr": 0.1, "guidance": 7.5, "dds": {
+        "schedule": "descending", "steps": 50, "step_rule": "budget", "source_guidance": 5.0}}))
+    write_edit_defaults(tmp_path, {"dds": {"schedule": "stratified", "steps": 25}})
+    assert json.loads(path.read_text()) == {"lr": 0.1, "guidance": 7.5, "dds": {
+        "source_guidance": 5.0, "schedule": "stratified", "steps": 25}}
+    write_edit_defaults(tmp_path, {"lr": 0.03, "guidance": 3.0})  # builtin-defaults' choice
+    assert json.loads(path.read_text()) == {"lr": 0.03, "guidance": 3.0, "dds": {
+        "source_guidance": 5.0, "schedule": "stratified", "steps": 25}}
+    before = path.read_text()
+    msg = _write_schedule(tmp_path, "dds", {"recommended": None})
+    assert "unchanged" in msg and path.read_text() == before
+    rec = {"schedule": "descending", "steps": 50, "step_rule": "constant", "n_avg": 1,
+           "optimizer": "sgd"}
+    _write_schedule(tmp_path, "dds", {"recommended": rec})
+    assert json.loads(path.read_text())["dds"] == {"source_guidance": 5.0, **rec}

@@ -409,8 +409,10 @@ def add_method_options(p) -> None:
     p.add_argument("--true-cfg", action="store_true", help="guidance-distilled models (FLUX.1-dev):"
                    " classifier-free guidance with an unconditional branch (2x the model calls)")
     p.add_argument("--schedule", choices=["reference", "descending", "stratified"],
-                   help="DDS/SDS noise levels over the steps: reference (uniform every step, "
-                   "the default), descending, or stratified (docs/evidence.md, 'Fewer steps')")
+                   help="DDS/SDS noise levels over the steps: reference (the paper's recipe: "
+                   "uniform t every step, 200 steps unless --steps), descending, or stratified; "
+                   "default: the model folder's recommended schedule, else reference; naming "
+                   "one sets the recommendation aside (docs/evidence.md, 'Fewer steps')")
     p.add_argument("--step-rule", choices=["constant", "budget"],
                    help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],

@@ -65,18 +65,28 @@ def check_prompts(source: str | None, target: str, method: str) -> None:
         )
 
 
+# The keys of a recommended timestep schedule (`dds eval schedules --write` puts them under the
+# method's name in dds_edit_defaults.json): one unit, so that naming a schedule (`--schedule
+# reference`) gives the reference recipe's value for every key of it left unset.
+SCHEDULE_KEYS = ("schedule", "steps", "step_rule", "n_avg", "optimizer", "lr")
+
+
 def edit_config(model, **overrides) -> EditConfig:
     """The reference recipe, then the method's own settings (FlowEdit's), then the model's
     recommended ones (top-level keys for the score-distillation methods; a key named after a
-    method for that method), then the caller's.  A caller who sets FlowEdit's `steps` alone
-    keeps the default's proportion of steps run (`n_max`)."""
+    method for that method), then the caller's.  A caller who names a `schedule` sets aside the
+    model's recommended schedule (`SCHEDULE_KEYS`); one who sets FlowEdit's `steps` alone keeps
+    the default's proportion of steps run (`n_max`)."""
     method = get_method(overrides.get("method") or EditConfig.method)
     own = getattr(model, "edit_defaults", {}) or {}
+    given = {k: v for k, v in overrides.items() if v is not None}
     settings = {"method": method.name, **method.defaults}
     if method.gradient:
         settings.update({k: v for k, v in own.items() if not isinstance(v, dict)})
-    settings.update(own.get(method.name, {}))
-    given = {k: v for k, v in overrides.items() if v is not None}
+    mine = own.get(method.name, {})
+    if "schedule" in given and "schedule" in mine:
+        mine = {k: v for k, v in mine.items() if k not in SCHEDULE_KEYS}
+    settings.update(mine)
     if "steps" in given and "n_max" not in given and settings.get("n_max") is not None:
         share = settings["n_max"] / settings.get("steps", EditConfig.steps)
         given["n_max"] = max(1, min(int(given["steps"]), round(share * given["steps"])))

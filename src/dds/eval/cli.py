@@ -40,7 +40,7 @@ def cmd_model_measure(args) -> int:
         kw["lrs"] = _floats(args.lrs, "--lrs")
     if args.guidances:
         kw["guidances"] = _floats(args.guidances, "--guidances")
-    target = _defaults_target(args) if args.experiment == "builtin-defaults" else None
+    target = _defaults_target(args)
     model = get_model(args.model)
     judge = Judge.load()
     out = Path(args.out or f"dds-eval/{args.experiment}")
@@ -56,10 +56,35 @@ def cmd_model_measure(args) -> int:
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     print(_sweep_lines(result))
     if target is not None:
-        path = target / "dds_edit_defaults.json"
-        path.write_text(json.dumps(result["best"], indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_edit_defaults(target, result['best'])}")
     return 0
+
+
+def write_edit_defaults(folder: Path, update: dict) -> Path:
+    """Merge `update` into FOLDER/dds_edit_defaults.json and write it atomically: top-level keys
+    replace the model's lr and guidance; a method's dict replaces that method's recommended
+    schedule (`dds.pipeline.SCHEDULE_KEYS`) and keeps its other keys."""
+    from dds.atomic import atomic_write_text
+    from dds.pipeline import SCHEDULE_KEYS
+
+    path = folder / "dds_edit_defaults.json"
+    now = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in update.items():
+        if isinstance(value, dict):
+            kept = {k: v for k, v in now.get(key, {}).items() if k not in SCHEDULE_KEYS}
+            value = {**kept, **value}
+        now[key] = value
+    return atomic_write_text(path, json.dumps(now, indent=2) + "\n")
+
+
+def _write_schedule(target: Path, method: str, summary: dict) -> str:
+    """`schedules --write`: the winner at the fewest denoiser calls becomes the model's
+    recommended schedule for `method`; nothing is written when no setting matches."""
+    rec = summary.get("recommended")
+    if rec is None:
+        return (f"no setting matched the reference recipe; {target / 'dds_edit_defaults.json'} "
+                "is unchanged")
+    return f"wrote {write_edit_defaults(target, {method: rec})}: {method} {rec}"
 
 
 def _sweep_lines(result: dict) -> str:
@@ -80,10 +105,14 @@ def _sweep_lines(result: dict) -> str:
 
 
 def _defaults_target(args) -> Path | None:
-    """The folder `builtin-defaults --write` writes into: the one named after --write, or the
-    model folder named with --model; never the installed package's unless named."""
+    """The folder `builtin-defaults --write` and `schedules --write` write into: the one named
+    after --write, or the model folder named with --model; never the installed package's unless
+    named."""
     if args.write is None:
         return None
+    if args.experiment not in ("builtin-defaults", "schedules", "all"):
+        raise DDSError(f"--write saves what builtin-defaults or schedules choose; "
+                       f"{args.experiment} chooses nothing: leave --write out")
     folder = args.write or args.model
     if not folder:
         raise DDSError("--write needs a folder: name it (--write FOLDER) or name the model "
@@ -111,6 +140,7 @@ def cmd_eval(args) -> int:
         return cmd_model_measure(args)
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    target = _defaults_target(args)
     model = get_model(args.model)
     if args.data is None and args.model is not None and not knows_world(model):
         raise DDSError("a model that was not trained on the built-in world needs your images and "
@@ -127,6 +157,8 @@ def cmd_eval(args) -> int:
         summary = run_experiment(name, ctx)
         print(_summary_line(name, summary))
         print(f"  wrote {ctx.out / 'report.md'}")
+        if target is not None and name == "schedules":
+            print("  " + _write_schedule(target, ctx.edit_cfg().method, summary))
     return 0
 
 
@@ -150,7 +182,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lrs", help="builtin-defaults: comma list of step sizes to sweep")
     p.add_argument("--guidances", help="builtin-defaults: comma list of guidance scales to sweep")
     p.add_argument("--write", nargs="?", const="", metavar="FOLDER",
-                   help="builtin-defaults: save the chosen settings as FOLDER/"
+                   help="builtin-defaults: save the chosen lr and guidance, schedules: the "
+                   "winning schedule at the fewest denoiser calls, into FOLDER/"
                    "dds_edit_defaults.json (FOLDER defaults to the --model folder)")
     p.add_argument("--quick", action="store_true",
                    help="the small preset (minutes on a CPU with the built-in model)")

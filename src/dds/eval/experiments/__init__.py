@@ -136,9 +136,11 @@ class Context:
         return self.data is None
 
     def edit_cfg(self, **overrides):
+        """The model's editing settings on the paper's schedule (the reference recipe's uniform
+        t and 200 steps, not a schedule the model recommends), then `overrides`."""
         from dds.pipeline import edit_config
 
-        return edit_config(self.model, seed=self.seed, **overrides)
+        return edit_config(self.model, seed=self.seed, **{"schedule": "reference", **overrides})
 
     def runner(self, settings: dict) -> Runner:
         """The resumable runner of this run's units (under OUT/parts)."""

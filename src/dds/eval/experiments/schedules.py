@@ -76,6 +76,14 @@ def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
     return es.score(decode01(ctx.model, z), sl)
 
 
+def recommendation(s: Setting) -> dict:
+    """A setting as the EditConfig fields a model folder recommends (`dds eval schedules
+    --write`; `dds.pipeline.SCHEDULE_KEYS`); lr only where the setting has its own."""
+    rec = {"schedule": s.schedule, "steps": s.steps, "step_rule": s.step_rule,
+           "n_avg": s.n_avg, "optimizer": s.optimizer}
+    return rec if s.lr is None else {**rec, "lr": s.lr}
+
+
 def matches(by_metric: dict) -> bool:
     """No compared metric is worse than the reference outside its 95% interval."""
     return not any(d["verdict"] == "reference better" for d in by_metric.values())
@@ -103,13 +111,16 @@ def run_schedules(ctx, p: dict) -> dict:
         paired[s.key] = c
         rows.append({"setting": s.key, "curve": s.curve, "schedule": s.schedule,
                      "step_rule": s.step_rule, "n_avg": s.n_avg, "optimizer": s.optimizer,
-                     "steps": s.steps, "calls": s.calls,
+                     "lr": s.lr, "steps": s.steps, "calls": s.calls,
                      **{k: float(np.nanmean(v)) for k, v in per[s].items()},
                      **{f"{m}_diff": c[m]["difference"] for m in es.compared},
                      **{f"{m}_low": c[m]["low"] for m in es.compared},
                      **{f"{m}_high": c[m]["high"] for m in es.compared},
                      "matches_reference": s == ref or matches(c)})
     summary = _summary(rows, ref, es)
+    fewest = summary["fewest_calls_matching"]
+    summary["recommended"] = (recommendation(next(s for s in grid if s.key == summary["winners"][
+        str(fewest)])) if fewest is not None else None)
     summary["floors"] = {f: {k: float(np.mean(v)) for k, v in m.items()} for f, m in floors.items()}
     write_csv(ctx.out / "schedules.csv", rows)
     _plot(ctx, rows, ref, es, summary)
