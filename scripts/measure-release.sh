@@ -10,7 +10,8 @@
 # translation runs and the demo; OUT_FOLDER/stages.log says when each stage started and ended.
 # --quick: the small presets and short translation runs (a check of the whole chain).
 # DDS (default .venv/bin/dds) picks the command; STAGES (default: all) a space-separated subset
-# of: defaults quality evidence translation demo.
+# of: defaults quality evidence translation demo; PARALLEL=1 trains the five translation
+# networks at once (on a GPU; on 2 CPU cores they would only share them).
 set -euo pipefail
 
 MODEL=${1:?usage: scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]}
@@ -18,6 +19,7 @@ OUT=${2:?usage: scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]}
 QUICK=${3:-}
 DDS=${DDS:-.venv/bin/dds}
 STAGES=${STAGES:-defaults quality evidence translation demo}
+PARALLEL=${PARALLEL:-}
 [ -d "$MODEL" ] || { echo "measure-release: no model folder '$MODEL'" >&2; exit 2; }
 case "$QUICK" in ""|--quick) ;; *) echo "measure-release: unknown option '$QUICK'" >&2; exit 2;; esac
 mkdir -p "$OUT"
@@ -42,11 +44,14 @@ fi
 TASKS=(--task red:blue --task red:green --task red:yellow --task red:purple)
 
 translation() {  # translation NAME [trainer options]: train (resuming) and evaluate one network
+    # (stage runs it in a `||` list, where `set -e` does not act: each failure returns itself)
     local name=$1; shift
     local run="$OUT/translation/$name" resume=()
     [ -f "$run/config.json" ] && resume=(--resume latest)
-    [ -d "$run/model" ] || "$DDS" translate-train --model "$MODEL" --data world "${TASKS[@]}" \
-        "${TRAIN[@]}" --batch-size 8 --quiet --out "$run" "${resume[@]}" "$@"
+    if [ ! -d "$run/model" ]; then
+        "$DDS" translate-train --model "$MODEL" --data world "${TASKS[@]}" "${TRAIN[@]}" \
+            --batch-size 8 --quiet --out "$run" "${resume[@]}" "$@" || return
+    fi
     local baselines=()
     [ "$name" = full ] || baselines=(--baselines "")
     "$DDS" translate-eval --model "$run" --n "$N" "${baselines[@]}" --out "$run/eval.json"
@@ -61,10 +66,15 @@ stage quality "$DDS" eval builtin-quality --model "$MODEL" $QUICK --out "$OUT/bu
 stage evidence/schedules "$DDS" eval schedules --model "$MODEL" $QUICK --write \
     --out "$OUT/evidence/schedules"
 stage evidence "$DDS" eval all --model "$MODEL" $QUICK --out "$OUT/evidence"
-stage translation/full translation full
-stage translation/no-warmup translation no-warmup --guidance-warmup 0
-stage translation/sds translation sds --score sds
-stage translation/t-stratified translation t-stratified --t-schedule stratified
-stage translation/t-descending translation t-descending --t-schedule descending
+# the paper's recipe, its two ablations and the two trainer schedules (NAME options...)
+NETWORKS=("full" "no-warmup --guidance-warmup 0" "sds --score sds"
+          "t-stratified --t-schedule stratified" "t-descending --t-schedule descending")
+if [ -n "$PARALLEL" ]; then  # one accelerator is far from busy with one batch-8 network
+    pids=()
+    for n in "${NETWORKS[@]}"; do stage "translation/${n%% *}" translation $n & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p" || exit $?; done
+else
+    for n in "${NETWORKS[@]}"; do stage "translation/${n%% *}" translation $n; done
+fi
 stage demo "$DDS" demo --model "$MODEL" --out "$OUT/demo"
 echo "measure-release: every stage done; reports under $OUT"
