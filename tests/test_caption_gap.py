@@ -69,5 +69,5 @@ def test_caption_gap_matches_the_closed_form_of_a_constant_prediction():
         for k, c in (("shape", 0.1), ("colour", 0.2)):
             per_scene = 1000.0 * (c * c - 2.0 * c * n_mean[r["region"]])
             assert r[k]["gap_x1000"] == pytest.approx(per_scene.mean(), abs=1e-3)
-            half = 1.96 * per_scene.std(ddof=1) / np.sqrt(6)
+            half = 2.570582 * per_scene.std(ddof=1) / np.sqrt(6)  # t(0.975, 5 dof), tables
             assert r[k]["ci95"] == pytest.approx(half, abs=1e-3)

@@ -64,8 +64,12 @@ def per_scene_mse(pred: Tensor, noise: Tensor, cover: Tensor) -> dict[str, np.nd
 
 
 def mean_ci(x: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its 95% normal interval."""
-    return float(np.mean(x)), float(1.96 * np.std(x, ddof=1) / np.sqrt(len(x)))
+    """Mean and the half-width of its 95% interval: the paired t interval every paired figure
+    of the project uses (`dds.eval.paired`)."""
+    from dds.eval.paired import paired_t_interval
+
+    low, high = paired_t_interval(x)
+    return float(np.mean(x)), (high - low) / 2
 
 
 @torch.no_grad()
