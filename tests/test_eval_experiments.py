@@ -261,6 +261,10 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
         ref["psnr_gain"] - ref["psnr_gain_diff"] + rows["reference-constant-n1-s2"][
             "psnr_gain_diff"])
     assert set(s["winners"]) == {"2"} and (out / "schedules.png").is_file()
+    at2 = [r for k, r in rows.items() if r["calls"] == 2]
+    assert rows[s["best"]["2"]] == max(at2, key=lambda r: (r["success_pos"], r["psnr_gain"]))
+    assert s["winners"]["2"] in (None, s["best"]["2"]) or rows[s["winners"]["2"]][
+        "matches_reference"]
     assert s["reference_calls"] == 4
     # --write's recommendation: the winner at the fewest calls, as EditConfig fields
     win = rows.get(s["winners"]["2"])

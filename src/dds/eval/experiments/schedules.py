@@ -131,17 +131,19 @@ def run_schedules(ctx, p: dict) -> dict:
 
 def _summary(rows: list[dict], ref: Setting, es) -> dict:
     """The winner at each budget (calls): the matching setting with the most success, then the
-    most PSNR gain; None where nothing matches the reference."""
+    most PSNR gain; None where nothing matches the reference.  `best` ranks every setting of
+    the budget the same way, matching or not (what comes nearest where nothing matches)."""
     fid, gain = es.fidelity, "psnr_gain"
-    winners = {}
+    winners, best = {}, {}
     for calls in sorted({r["calls"] for r in rows if r["setting"] != ref.key}):
-        ok = [r for r in rows if r["calls"] == calls and r["setting"] != ref.key
-              and r["matches_reference"]]
-        best = max(ok, key=lambda r: (r[fid], r.get(gain, 0.0))) if ok else None
-        winners[str(calls)] = best["setting"] if best else None
+        at = [r for r in rows if r["calls"] == calls and r["setting"] != ref.key]
+        ok = [r for r in at if r["matches_reference"]]
+        rank = lambda r: (r[fid], r.get(gain, 0.0))  # noqa: E731
+        winners[str(calls)] = max(ok, key=rank)["setting"] if ok else None
+        best[str(calls)] = max(at, key=rank)["setting"]
     fewest = next((int(c) for c, w in winners.items() if w is not None), None)
     return {"reference": ref.key, "reference_calls": ref.calls, "winners": winners,
-            "fewest_calls_matching": fewest}
+            "best": best, "fewest_calls_matching": fewest}
 
 
 def _plot(ctx, rows, ref: Setting, es, summary) -> None:
@@ -175,4 +177,9 @@ def _text(rows, ref: Setting, es, summary) -> str:
                      + f" | {'yes' if r['matches_reference'] else 'no'} |")
     win = ", ".join(f"{c} calls: {w or 'none matches'}" for c, w in summary["winners"].items())
     lines.append(f"\nWinner at each budget: {win}.")
+    near = ", ".join(f"{c} calls: {summary['best'][c]}" for c, w in summary["winners"].items()
+                     if w is None)
+    if near:
+        lines.append(f"Where none matches, the best setting (most success, then PSNR gain; "
+                     f"its differences are in the table): {near}.")
     return "\n".join(lines)
