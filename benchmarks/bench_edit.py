@@ -356,7 +356,7 @@ def parse_args(argv):
                                                                  "stratified"],
                    help="timestep schedule of the default and fast paths (EditConfig.schedule); "
                    "the reference path stays the recipe")
-    p.add_argument("--step-rule", default="constant", choices=["constant", "budget"],
+    p.add_argument("--step-rule", default="constant", choices=["constant", "budget", "decay"],
                    help="step rule of the default and fast paths (EditConfig.step_rule)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"],
                    help="optimiser of the default and fast paths (EditConfig.optimizer)")

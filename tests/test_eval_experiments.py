@@ -266,6 +266,17 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
     assert s["winners"]["2"] in (None, s["best"]["2"]) or rows[s["winners"]["2"]][
         "matches_reference"]
     assert s["reference_calls"] == 4
+    # a grown grid (another step rule) reuses every unit already stored and adds its own
+    stored = {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*-b-*.json")}
+    s2 = run_experiment("schedules", _ctx(tiny_backend, out), n_edits=1, batch=8,
+                        reference_steps=4, budgets=[2], schedules=["reference", "descending"],
+                        step_rules=["constant", "decay"], n_avg=[1, 2])
+    after = {f.name: f.stat().st_mtime_ns for f in (out / "parts").glob("*-b-*.json")}
+    assert {k: after[k] for k in stored} == stored
+    assert sorted(set(after) - set(stored)) == [
+        "descending-decay-n1-s2-b-0.json", "descending-decay-n2-s1-b-0.json",
+        "reference-decay-n1-s2-b-0.json", "reference-decay-n2-s1-b-0.json"]
+    assert s2["reference_calls"] == 4
     # --write's recommendation: the winner at the fewest calls, as EditConfig fields
     win = rows.get(s["winners"]["2"])
     assert s["recommended"] == (None if win is None else {

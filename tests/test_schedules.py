@@ -81,6 +81,13 @@ class Linear:
         return 0.5 * z_t + emb.reshape(z_t.shape)
 
 
+class Const(Linear):
+    """eps = c(cond): DDS's gradient is then the same at every z, t and noise."""
+
+    def predict_eps(self, z_t, t, emb):
+        return emb.reshape(z_t.shape)
+
+
 def test_noise_averaging_is_the_mean_of_the_draws_gradients():
     model, z_hat = Linear(), torch.randn(2, 2, 2, 2)
     cs, ct = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
@@ -102,6 +109,38 @@ def test_budget_rule_travels_as_far_as_the_reference():
     ref, short = EditConfig(), EditConfig(steps=50, step_rule="budget")
     assert short.step_per_element * 50 == pytest.approx(ref.step_per_element * 200)
     assert EditConfig(steps=50).step_per_element == ref.step_per_element
+
+
+def test_decay_rule_travels_as_far_as_budget_in_falling_steps():
+    """With a gradient that does not depend on z, SGD's path is the sum of its steps: decay's
+    steps are budget's times 2 (S - i) / (S + 1), and the whole edit moves as far."""
+    from dds.methods import step_factor
+
+    S = 7
+    decay, budget = EditConfig(steps=S, step_rule="decay"), EditConfig(steps=S, step_rule="budget")
+    assert [step_factor(i, decay) for i in range(S)] == pytest.approx(
+        [2 * (S - i) / (S + 1) for i in range(S)])
+    assert sum(step_factor(i, decay) for i in range(S)) == pytest.approx(S)
+    assert step_factor(3, budget) == 1.0 and decay.step_per_element == budget.step_per_element
+    model, z_hat = Const(), torch.zeros(2, 2, 2, 2)
+    cs, ct = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    moved = {r: edit_latents(model, z_hat, cs, ct, EditConfig(steps=S, step_rule=r, lr=0.05))
+             for r in ("decay", "budget")}
+    assert (moved["budget"] - z_hat).abs().max() > 1e-3
+    assert torch.allclose(moved["decay"], moved["budget"], atol=1e-6)
+    # ... along another path: step i moves 2 (S - i) / (S + 1) times budget's step
+    paths = {r: [] for r in ("decay", "budget")}
+    for r, seen in paths.items():
+        edit_latents(model, z_hat, cs, ct, EditConfig(steps=S, step_rule=r, lr=0.05),
+                     on_step=lambda info, seen=seen: seen.append(info.z.clone()))
+    step = {r: [b - a for a, b in zip([z_hat, *p[:-1]], p, strict=True)]
+            for r, p in paths.items()}
+    for i in range(S):
+        assert torch.allclose(step["decay"][i], step["budget"][i] * 2 * (S - i) / (S + 1),
+                              atol=1e-6), i
+    with pytest.raises(SettingError, match="Adam normalises") as e:
+        EditConfig(step_rule="decay", optimizer="adam")
+    assert e.value.field == "step_rule"
 
 
 @pytest.mark.parametrize("field, value", [("schedule", "cosine"), ("step_rule", "adam"),
@@ -147,16 +186,17 @@ def test_optimizers_are_torch_optims_on_the_surrogate_loss(name, make):
     assert (out - sgd).abs().max() > 1e-4  # a different path from plain SGD
 
 
-@pytest.mark.parametrize("schedule, optimizer", [("descending", "sgd"), ("stratified", "sgd"),
-                                                ("reference", "adam")])
-def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer):
+@pytest.mark.parametrize("schedule, optimizer, rule", [
+    ("descending", "sgd", "budget"), ("stratified", "sgd", "budget"),
+    ("reference", "adam", "budget"), ("descending", "momentum", "decay")])
+def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer, rule):
     from dds.fast import FastEditor
 
     torch.manual_seed(0)
     z_hat = torch.randn(2, 4, 8, 8)
     cs = tiny_backend.encode_prompt(["a red circle", "a blue square"])
     ct = tiny_backend.encode_prompt(["a green circle", "a blue star"])
-    cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule="budget", seed=2,
+    cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule=rule, seed=2,
                      optimizer=optimizer, lr=0.02 if optimizer == "adam" else 0.1)
     slow = edit_latents(tiny_backend, z_hat, cs, ct, cfg)
     fast = FastEditor(tiny_backend).edit(z_hat, cs, ct, cfg)

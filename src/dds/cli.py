@@ -413,8 +413,9 @@ def add_method_options(p) -> None:
                    "uniform t every step, 200 steps unless --steps), descending, or stratified; "
                    "default: the model folder's recommended schedule, else reference; naming "
                    "one sets the recommendation aside (docs/evidence.md, 'Fewer steps')")
-    p.add_argument("--step-rule", choices=["constant", "budget"],
-                   help="DDS/SDS step size: constant lr (default), or budget (lr x 200 / steps)")
+    p.add_argument("--step-rule", choices=["constant", "budget", "decay"],
+                   help="DDS/SDS step size: constant lr (default), budget (lr x 200 / steps), or "
+                   "decay (budget's distance in steps falling linearly to near zero)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
                    help="DDS/SDS optimiser of the latent: sgd (the reference, default), momentum "
                    "(0.9) or adam (its --lr is a per-element step, e.g. 0.01)")

@@ -109,7 +109,8 @@ class EditConfig:
     seed: int = 0
     # Score distillation: how step i's noise level is drawn ("reference": uniform every step;
     # "descending": falling through `steps` strata; "stratified": the strata in random order)
-    # and the step size over the edit ("constant"; "budget": lr x 200 / steps).
+    # and the step size over the edit ("constant"; "budget": lr x 200 / steps; "decay": as far
+    # as "budget" in linearly falling steps, `dds.methods.step_factor`).
     schedule: str = "reference"
     step_rule: str = "constant"
     # The optimiser of the latent (score distillation): "sgd" (the reference), "momentum"
@@ -154,6 +155,9 @@ class EditConfig:
             bad("step_rule", f"use one of {', '.join(repr(k) for k in STEP_RULES)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"use one of {', '.join(repr(k) for k in OPTIMIZERS)}")
+        if self.step_rule == "decay" and self.optimizer == "adam":
+            bad("step_rule", "'decay' scales each step's gradient, which Adam normalises away; "
+                "use it with 'sgd' or 'momentum', or give Adam the 'constant' rule")
         if self.optimizer != "sgd" and not get_method(self.method).gradient:
             bad("optimizer", f"{self.method} follows an ODE and has no optimiser; use 'sgd' "
                 "(the default) or the dds or sds method")

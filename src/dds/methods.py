@@ -58,7 +58,8 @@ class Draw:
     """One step's draws for B edits, made on the CPU from each edit's own generator.
 
     t: (B,) model timesteps.  eps: (B,C,h,w) noise ((n_avg,B,C,h,w) for FlowEdit).
-    weight: (B,) float32: w(t) for score distillation; the Euler step s_next - s for FlowEdit.
+    weight: (B,) float32: w(t) for score distillation (times the step rule's `step_factor`);
+    the Euler step s_next - s for FlowEdit.
     phase: 0 for an editing step; FlowEdit's last n_min steps sample the target (1: the first).
     """
 
@@ -112,8 +113,10 @@ def stratified_levels(i, steps, gens, cfg) -> Tensor:
 TIMESTEP_SCHEDULES = {"reference": uniform_levels, "descending": descending_levels,
                       "stratified": stratified_levels}
 # The step size over an edit: "constant" is the reference's lr at every step; "budget" scales
-# it by reference_steps / steps, so an edit of fewer steps travels as far in total.
-STEP_RULES = ("constant", "budget")
+# it by reference_steps / steps, so an edit of fewer steps travels as far in total; "decay"
+# travels as far as "budget" in steps that fall linearly to near zero (`step_factor`), so that
+# the last, noisiest draws move the latent least (SGD's annealed step size).
+STEP_RULES = ("constant", "budget", "decay")
 REFERENCE_STEPS = 200
 
 
@@ -149,10 +152,21 @@ def optimizer_step(z: Tensor, g: Tensor, cfg, state: dict) -> Tensor:
 
 
 def step_lr(cfg) -> float:
-    """The SGD learning rate an edit of cfg.steps steps runs with (`cfg.step_rule`)."""
-    if cfg.step_rule == "budget":
+    """The SGD learning rate an edit of cfg.steps steps runs with (`cfg.step_rule`; with
+    "decay", its mean over the steps)."""
+    if cfg.step_rule in ("budget", "decay"):
         return cfg.lr * REFERENCE_STEPS / cfg.steps
     return cfg.lr
+
+
+def step_factor(i: int, cfg) -> float:
+    """Step i's multiple of `step_lr` (1 but for "decay": 2 (S - i) / (S + 1) for S steps,
+    from about 2 down to 2 / (S + 1), summing to S).  It scales the step's gradient weight
+    (`Draw.weight`), which for SGD and momentum is the step size; Adam would normalise it
+    away, so EditConfig refuses the pair."""
+    if cfg.step_rule != "decay":
+        return 1.0
+    return 2.0 * (cfg.steps - i) / (cfg.steps + 1)
 
 
 def guidances(cfg) -> list[float]:
@@ -202,7 +216,8 @@ class _ScoreDistillation:
                                for _ in range(cfg.n_avg)])
             eps = eps[0] if cfg.n_avg == 1 else eps
         t = schedule.timestep(index)
-        return Draw(t, eps, timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).float())
+        w = timestep_weight(schedule, t, cfg.weight_a, cfg.weight_b).float() * step_factor(i, cfg)
+        return Draw(t, eps, w)
 
     def step(self, eps_fn, z, z_hat, cond, d: Draw, schedule, cfg, embedded=False,
              state: dict | None = None):

@@ -93,8 +93,10 @@ def run_schedules(ctx, p: dict) -> dict:
     es = ctx.editset(p["n_edits"])
     n = len(es)
     ref, grid = settings_of(p)
-    runner = ctx.runner({"experiment": "schedules", **p, "metrics": list(es.metrics),
-                         "edit_config": ctx.edit_cfg().to_json()})
+    # A unit (one setting on one batch of edits) depends on the edits, the batch and the editing
+    # config, not on which other settings the grid holds: a grown grid reuses every unit.
+    runner = ctx.runner({"experiment": "schedules", "n_edits": p["n_edits"], "batch": p["batch"],
+                         "metrics": list(es.metrics), "edit_config": ctx.edit_cfg().to_json()})
     total = sum(s.calls for s in [ref, *grid]) * n
     bar = progress_bar(total, "schedules (edits x denoiser calls)", ctx.quiet, unit="call")
     per = {}
