@@ -135,12 +135,13 @@ def _summary(rows: list[dict], ref: Setting, es) -> dict:
     """The winner at each budget (calls): the matching setting with the most success, then the
     most PSNR gain; None where nothing matches the reference.  `best` ranks every setting of
     the budget the same way, matching or not (what comes nearest where nothing matches)."""
-    fid, gain = es.fidelity, "psnr_gain"
+    def rank(r):
+        return r[es.fidelity], r.get("psnr_gain", 0.0)
+
     winners, best = {}, {}
     for calls in sorted({r["calls"] for r in rows if r["setting"] != ref.key}):
         at = [r for r in rows if r["calls"] == calls and r["setting"] != ref.key]
         ok = [r for r in at if r["matches_reference"]]
-        rank = lambda r: (r[fid], r.get(gain, 0.0))  # noqa: E731
         winners[str(calls)] = max(ok, key=rank)["setting"] if ok else None
         best[str(calls)] = max(at, key=rank)["setting"]
     fewest = next((int(c) for c, w in winners.items() if w is not None), None)
