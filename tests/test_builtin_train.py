@@ -179,7 +179,7 @@ def test_command_line_parses():
 
 def test_presets_name_the_recipes_and_keep_latent_sizes_consistent():
     p = T.build_parser()
-    # no --preset: the third release's recipe, which the shipped model's command relies on
+    # no --preset: the third release's recipe (the shipped fourth release names its preset)
     assert T.config_from_args(p.parse_args([])) == C.default() == C.third()
     fourth = T.config_from_args(p.parse_args(["--preset", "fourth", "--unet-steps", "7"]))
     assert fourth.name == "fourth" and fourth.unet_steps == 7

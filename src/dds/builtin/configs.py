@@ -165,13 +165,14 @@ def _tuples(d: dict) -> dict:
 
 
 def default() -> TrainConfig:
-    """The shipped built-in model (about 86 minutes on 2 CPU cores: stage 0 3, autoencoder 25,
-    UNet 58 with its judge readings)."""
+    """The third release's recipe, `dds train-builtin`'s default (about 86 minutes on 2 CPU
+    cores: stage 0 3, autoencoder 25, UNet 58 with its judge readings); the shipped model is
+    the fourth release (`fourth`)."""
     return TrainConfig()
 
 
 def third() -> TrainConfig:
-    """The third release's recipe (today's defaults, the shipped model)."""
+    """The third release's recipe (today's defaults; shipped before the fourth)."""
     return default()
 
 
@@ -187,7 +188,7 @@ UNET4 = UNetConfig(
 
 
 def fourth() -> TrainConfig:
-    """The fourth release's recipe (docs/builtin-model-4.md): a 32x32x4 latent, so that the
+    """The fourth release's recipe, the shipped model's (docs/builtin-model-4.md): a 32x32x4 latent, so that the
     decoder can show small stars and crosses (500 autoencoder steps read 77% of the shapes on
     held-out reconstructions where the 16x16x4 autoencoder read 37%), and the UNet ``UNET4``.
     About 4.5 to 5.5 hours on 2 free CPU cores (autoencoder 1, UNet 3.2 to 4); checkpoints

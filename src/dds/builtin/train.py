@@ -6,8 +6,8 @@ One seeded, resumable command trains the whole model on the procedural world (``
   linear heads on its token states that are then thrown away, to name every attribute a caption
   mentions (object count, shapes, colours, background, texture), so that every word the UNet
   must obey reaches it distinctly; with ``text_lr`` 0 the encoder then stays frozen, as in SD;
-* stage 1 ("vae"): an ``AutoencoderKL`` 64x64x3 -> 16x16x4, reconstruction loss (L1 + MSE on
-  [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
+* stage 1 ("vae"): an ``AutoencoderKL`` 64x64x3 -> 16x16x4 (32x32x4 in the fourth preset),
+  reconstruction loss (L1 + MSE on [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
   latents of training scenes (Stable Diffusion's 0.18215 plays the same role);
 * stage 2 ("unet"): a ``UNet2DConditionModel`` (and the ``CLIPTextModel``, unless frozen)
   trained from scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule,
@@ -1139,8 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--preset", choices=sorted(C.PRESETS), default="third",
-                   help="the recipe the other options change (third: the shipped model's, "
-                   "16x16 latent; fourth: 32x32 latent, docs/builtin-model-4.md)")
+                   help="the recipe the other options change (third: 16x16 latent; fourth: the "
+                   "shipped model's, 32x32 latent, docs/builtin-model-4.md)")
     p.add_argument("--tiny", action="store_true", help="tiny test-size model")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads, set once for the whole run (default 2)")
