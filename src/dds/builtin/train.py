@@ -7,8 +7,9 @@ One seeded, resumable command trains the whole model on the procedural world (``
   mentions (object count, shapes, colours, background, texture), so that every word the UNet
   must obey reaches it distinctly; with ``text_lr`` 0 the encoder then stays frozen, as in SD;
 * stage 1 ("vae"): an ``AutoencoderKL`` 64x64x3 -> 16x16x4 (32x32x4 in the fourth preset),
-  reconstruction loss (L1 + MSE on [-1, 1] images) plus a tiny KL term; afterwards its ``scaling_factor`` is set to 1/std of the
-  latents of training scenes (Stable Diffusion's 0.18215 plays the same role);
+  reconstruction loss (L1 + MSE on [-1, 1] images) plus a tiny KL term; afterwards its
+  ``scaling_factor`` is set to 1/std of the latents of training scenes (Stable Diffusion's
+  0.18215 plays the same role);
 * stage 2 ("unet"): a ``UNet2DConditionModel`` (and the ``CLIPTextModel``, unless frozen)
   trained from scratch with the epsilon objective on Stable Diffusion 1.x's noise schedule,
   the VAE frozen, captions replaced by "" 10% of the time (classifier-free guidance), EMA weights exported.
