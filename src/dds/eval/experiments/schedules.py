@@ -78,10 +78,10 @@ def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
 
 def recommendation(s: Setting) -> dict:
     """A setting as the EditConfig fields a model folder recommends (`dds eval schedules
-    --write`; `dds.pipeline.SCHEDULE_KEYS`); lr only where the setting has its own."""
-    rec = {"schedule": s.schedule, "steps": s.steps, "step_rule": s.step_rule,
-           "n_avg": s.n_avg, "optimizer": s.optimizer}
-    return rec if s.lr is None else {**rec, "lr": s.lr}
+    --write`): its `dds.pipeline.SCHEDULE_KEYS`, lr only where the setting has its own."""
+    from dds.pipeline import SCHEDULE_KEYS
+
+    return {k: getattr(s, k) for k in SCHEDULE_KEYS if getattr(s, k) is not None}
 
 
 def matches(by_metric: dict) -> bool:
