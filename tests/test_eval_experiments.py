@@ -307,7 +307,8 @@ def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     emb = tiny_backend.encode_prompt(["a red circle", "a blue circle"])
     seen = {}
-    cfg = edit_config(tiny_backend, steps=3, seed=0)
+    # The paper's schedule, as the experiment runs it (`Context.edit_cfg`), not the family's.
+    cfg = edit_config(tiny_backend, steps=3, seed=0, schedule="reference")
     edit_latents(tiny_backend, z, emb[:1], emb[1:], cfg,
                  on_step=lambda info: seen.update({info.step: info.z.clone()}))
     short = edit_latents(tiny_backend, z, emb[:1], emb[1:], cfg.with_(steps=2))

@@ -194,8 +194,9 @@ def test_model_folder_recommended_defaults(tiny_sd, tmp_path):
     from dds.pipeline import edit_config
 
     b = StableDiffusionModel(m, device="cpu")
-    cfg = edit_config(b, lr=0.5)
-    assert (cfg.guidance, cfg.lr, cfg.steps) == (3.0, 0.5, 200)
+    cfg = edit_config(b, lr=0.5)  # the folder's guidance, the caller's lr, the family's schedule
+    assert (cfg.guidance, cfg.lr, cfg.steps, cfg.schedule) == (3.0, 0.5, 50, "stratified")
+    assert edit_config(b, schedule="reference").steps == 200
 
 
 # ---- copies of the denoiser, and predicting through them --------------------------------

@@ -33,8 +33,10 @@ def test_the_result_is_the_loop_on_the_encoded_input(pipe, photo):
     r = pipe.run(req)
     m = pipe.model
     z_hat = m.encode(pil_to_tensor(r.input))
+    # The Stable Diffusion family's DDS schedule (`dds.models.base.FEWER_STEPS`) at 3 steps.
+    cfg = EditConfig(steps=3, seed=5, schedule="stratified", step_rule="budget")
     z = edit_latents(m, z_hat, m.encode_prompt(["a red circle"]),
-                     m.encode_prompt(["a blue square"]), EditConfig(steps=3, seed=5))
+                     m.encode_prompt(["a blue square"]), cfg)
     assert torch.equal(r.latents, z)
     assert (r.steps_run, r.stopped, r.config.steps, r.image.size) == (3, False, 3, (16, 16))
 
@@ -121,6 +123,35 @@ def test_a_recommended_schedule_is_the_default_and_naming_one_sets_it_aside():
     assert (edit_config(adam).optimizer, edit_config(adam).lr) == ("adam", 0.01)
     back = edit_config(adam, schedule="reference")
     assert (back.optimizer, back.lr, back.steps) == ("sgd", 0.03, EditConfig.steps)
+
+
+def test_the_built_in_model_and_sd_families_run_dds_in_50_stratified_budget_steps():
+    """The schedule `dds eval schedules` chose (docs/evidence.md) is the built-in model's DDS
+    default and the SD 1.x/2.x and SDXL families' recommendation; its step is the reference's
+    lr times 200 / 50; SDS and `--schedule reference` keep the paper's recipe."""
+    from types import SimpleNamespace
+
+    from dds.builtin import BUILTIN_DIR
+    from dds.methods import step_lr
+    from dds.models.base import FEWER_STEPS
+    from dds.models.sd3 import SD3Model
+    from dds.models.sdxl import SDXLModel
+    from dds.models.stable_diffusion import StableDiffusionModel
+    from dds.pipeline import edit_config
+
+    shipped = json.loads((BUILTIN_DIR / "dds_edit_defaults.json").read_text())
+    want = {"schedule": "stratified", "steps": 50, "step_rule": "budget", "n_avg": 1,
+            "optimizer": "sgd"}
+    assert shipped["dds"] == want == FEWER_STEPS
+    assert StableDiffusionModel.family_defaults["dds"] == want == SDXLModel.family_defaults["dds"]
+    assert "dds" not in SD3Model.family_defaults  # flow models: not measured
+    model = SimpleNamespace(edit_defaults={**StableDiffusionModel.family_defaults, **shipped})
+    cfg = edit_config(model)
+    assert (cfg.schedule, cfg.steps, cfg.step_rule, cfg.lr) == ("stratified", 50, "budget", 0.03)
+    assert step_lr(cfg) == pytest.approx(0.03 * 4)
+    assert edit_config(model, schedule="reference").steps == 200
+    assert (edit_config(model, method="sds").schedule, edit_config(model, method="sds").steps) == (
+        "reference", 200)
 
 
 def test_writing_defaults_merges_lr_guidance_and_the_schedule(tmp_path):

@@ -121,6 +121,9 @@ def test_kept_input_appears_whole(tiny_backend, photo, tmp_path, monkeypatch):
 
 def test_cancel_stops_after_the_current_step_and_keeps_latest(tiny_backend, photo, tmp_path):
     model = HeldDecode(tiny_backend, at=3)
+    # The reference recipe, whose first 3 steps of any edit are a 3-step edit (the family's
+    # stratified budget schedule spreads its strata and step size over the whole edit).
+    model.edit_defaults = {}
     session = EditSession(model, defaults={"size": SIZE}, out_dir=tmp_path)
     seen = []
     for u in session.run(photo, "noise", "a red circle", steps=5000, key="k", preview_every=1):

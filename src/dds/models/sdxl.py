@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.models.base import Conditioning, NoiseSchedule
+from dds.models.base import FEWER_STEPS, Conditioning, NoiseSchedule
 from dds.models.diffusers_base import (
     DENOISER,
     SCHEDULER,
@@ -79,7 +79,8 @@ class SDXLModel(DiffusersModel):
     # DDS guides both branches and subtracts them, and no SDXL-specific tuning says otherwise.
     # lr stays 0.1: dds keeps the per-element step fixed across resolutions
     # (EditConfig.reference_area), so a 128x128 SDXL latent moves per step as a 64x64 SD one.
-    family_defaults = {"guidance": 7.5, "lr": 0.1}
+    # DDS: the Stable Diffusion families' quarter-budget schedule (`FEWER_STEPS`).
+    family_defaults = {"guidance": 7.5, "lr": 0.1, "dds": dict(FEWER_STEPS)}
 
     def _load(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

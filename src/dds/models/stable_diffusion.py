@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dds.errors import DDSError
-from dds.models.base import Conditioning, NoiseSchedule
+from dds.models.base import FEWER_STEPS, Conditioning, NoiseSchedule
 from dds.models.diffusers_base import (  # noqa: F401  (the names callers import from here)
     DTYPES,
     DiffusersModel,
@@ -35,6 +35,9 @@ class StableDiffusionModel(DiffusersModel):
 
     family = "stable-diffusion"
     title = "Stable Diffusion"
+    # DDS: the measured quarter-budget schedule (`dds.models.base.FEWER_STEPS`); SDS keeps the
+    # reference recipe.
+    family_defaults = {"dds": dict(FEWER_STEPS)}
 
     def _load(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
