@@ -360,6 +360,9 @@ def parse_args(argv):
                    help="step rule of the default and fast paths (EditConfig.step_rule)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"],
                    help="optimiser of the default and fast paths (EditConfig.optimizer)")
+    p.add_argument("--average-tail", type=float, default=0.0, metavar="F",
+                   help="default and fast paths: the result is the mean of the last fraction F "
+                   "of the steps' latents (EditConfig.average_tail)")
     p.add_argument("--schedule-steps", type=int, default=None,
                    help="steps of the default and fast paths (default: --steps); the "
                    "reference path runs --steps")
@@ -493,8 +496,8 @@ def fast_run(setup: Setup, device, z_hat, cfg, seeds, a) -> Run:
 
 def scheduled(a) -> bool:
     """Do the default and fast paths run another schedule than the reference recipe's?"""
-    return (a.schedule, a.step_rule, a.optimizer, a.schedule_steps) != (
-        "reference", "constant", "sgd", None)
+    return (a.schedule, a.step_rule, a.optimizer, a.schedule_steps, a.average_tail) != (
+        "reference", "constant", "sgd", None, 0.0)
 
 
 def path_steps(path: str, a) -> int:
@@ -505,7 +508,8 @@ def path_steps(path: str, a) -> int:
 def make_run(path: str, setup: Setup, device, z_hat, seeds, cfg, a) -> Run:
     if path == "reference":
         return reference_run(setup, device, z_hat, seeds, tuple(z_hat.shape[1:]))
-    cfg = cfg.with_(schedule=a.schedule, step_rule=a.step_rule, optimizer=a.optimizer)
+    cfg = cfg.with_(schedule=a.schedule, step_rule=a.step_rule, optimizer=a.optimizer,
+                    average_tail=a.average_tail)
     r = (default_run(setup, device, z_hat, cfg) if path == "default"
          else fast_run(setup, device, z_hat, cfg, seeds, a))
     inner, steps = r.run, path_steps(path, a)

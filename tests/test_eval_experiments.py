@@ -239,7 +239,7 @@ def test_drift_and_convergence_quick(tiny_backend, tmp_path):
 
 @pytest.mark.slow  # ~10 s idle, half a minute on a loaded 2-core machine
 def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend, tmp_path):
-    from dds.eval.experiments.schedules import Setting, matches, settings_of
+    from dds.eval.experiments.schedules import Setting, matches, recommendation, settings_of
 
     out = tmp_path / "sched"
     s = run_experiment("schedules", _ctx(tiny_backend, out), n_edits=1, batch=8,
@@ -281,7 +281,7 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
     win = rows.get(s["winners"]["2"])
     assert s["recommended"] == (None if win is None else {
         "schedule": win["schedule"], "steps": win["steps"], "step_rule": win["step_rule"],
-        "n_avg": win["n_avg"], "optimizer": win["optimizer"],
+        "n_avg": win["n_avg"], "optimizer": win["optimizer"], "average_tail": win["average_tail"],
         **({"lr": win["lr"]} if win["lr"] is not None else {})})
     # the rule: worse outside the interval on any compared metric -> no match
     bad = {"success_pos": {"verdict": "no difference"}, "psnr_gain": {"verdict": "reference better"}}
@@ -296,6 +296,12 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
                                      "reference-constant-n1-s25-adam0.01",
                                      "reference-constant-n1-s50-adam0.01"]
     assert grid[-1].curve == "reference, constant lr, adam lr 0.01" and grid[-1].calls == 50
+    _, grid = settings_of(dict(reference_steps=200, budgets=[25], schedules=["stratified"],
+                               step_rules=["constant"], n_avg=[1], tails=[0.2]))
+    assert [g.key for g in grid] == ["stratified-constant-n1-s25",
+                                     "stratified-budget-n1-s25-tail0.2"]
+    assert grid[-1].curve == "stratified, budget lr, mean of last 20%"
+    assert recommendation(grid[-1])["average_tail"] == 0.2
 
 
 def test_checkpoints_equal_separate_runs(tiny_backend, tmp_path):

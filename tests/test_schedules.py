@@ -186,10 +186,10 @@ def test_optimizers_are_torch_optims_on_the_surrogate_loss(name, make):
     assert (out - sgd).abs().max() > 1e-4  # a different path from plain SGD
 
 
-@pytest.mark.parametrize("schedule, optimizer, rule", [
-    ("descending", "sgd", "budget"), ("stratified", "sgd", "budget"),
-    ("reference", "adam", "budget"), ("descending", "momentum", "decay")])
-def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer, rule):
+@pytest.mark.parametrize("schedule, optimizer, rule, tail", [
+    ("descending", "sgd", "budget", 0.0), ("stratified", "sgd", "budget", 0.5),
+    ("reference", "adam", "budget", 0.0), ("descending", "momentum", "decay", 0.0)])
+def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer, rule, tail):
     from dds.fast import FastEditor
 
     torch.manual_seed(0)
@@ -197,8 +197,48 @@ def test_fast_path_runs_the_schedules(tiny_backend, schedule, optimizer, rule):
     cs = tiny_backend.encode_prompt(["a red circle", "a blue square"])
     ct = tiny_backend.encode_prompt(["a green circle", "a blue star"])
     cfg = EditConfig(steps=6, schedule=schedule, n_avg=2, step_rule=rule, seed=2,
-                     optimizer=optimizer, lr=0.02 if optimizer == "adam" else 0.1)
+                     optimizer=optimizer, lr=0.02 if optimizer == "adam" else 0.1,
+                     average_tail=tail)
     slow = edit_latents(tiny_backend, z_hat, cs, ct, cfg)
     fast = FastEditor(tiny_backend).edit(z_hat, cs, ct, cfg)
     assert (slow - z_hat).abs().max() > 1e-3
     assert (fast - slow).abs().max() < 1e-4
+
+
+def test_average_tail_is_the_mean_of_the_last_steps_latents():
+    """The result is the mean of the latents after the last round(F x steps) steps, as the
+    step hook saw them (each step's own latent); 0 keeps the last latent, bit for bit; the
+    trajectory itself is the plain edit's."""
+    import threading
+
+    model, z_hat = Linear(), torch.randn(2, 2, 2, 2)
+    cs, ct = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    seen, plain = [], []
+    cfg = EditConfig(steps=10, lr=0.5, seed=3, average_tail=0.3)
+    out = edit_latents(model, z_hat, cs, ct, cfg, on_step=lambda i: seen.append(i.z.clone()))
+    last = edit_latents(model, z_hat, cs, ct, cfg.with_(average_tail=0.0),
+                        on_step=lambda i: plain.append(i.z.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(seen, plain, strict=True))
+    assert torch.equal(last, plain[-1])
+    want = (seen[7] + seen[8] + seen[9]) / 3
+    assert torch.allclose(out, want, atol=1e-6) and (out - last).abs().max() > 1e-4
+    # A whole-edit mean, and one step: the mean of one latent is that latent.
+    full = edit_latents(model, z_hat, cs, ct, cfg.with_(average_tail=1.0))
+    assert torch.allclose(full, torch.stack(seen).mean(0), atol=1e-6)
+    one = edit_latents(model, z_hat, cs, ct, cfg.with_(average_tail=0.01))
+    assert torch.equal(one, last)
+    # Stopped before the tail: the latest latent; inside it: the mean of the tail so far.
+    for at, expect in ((5, seen[4]), (9, (seen[7] + seen[8]) / 2)):
+        stop = threading.Event()
+        got = edit_latents(model, z_hat, cs, ct, cfg, stop=stop,
+                           on_step=lambda i, at=at, stop=stop: i.step == at and stop.set())
+        assert torch.allclose(got, expect, atol=1e-6), at
+
+
+@pytest.mark.parametrize("kw, why", [({"average_tail": 1.5}, "from 0 to 1"),
+                                     ({"average_tail": -0.1}, "from 0 to 1"),
+                                     ({"average_tail": 0.2, "method": "flowedit"}, "ODE")])
+def test_average_tail_out_of_range_or_on_flowedit_is_refused(kw, why):
+    with pytest.raises(SettingError, match=why) as e:
+        EditConfig(**kw)
+    assert e.value.field == "average_tail"

@@ -91,7 +91,8 @@ def edit_settings(args) -> dict:
     return dict(method=args.method, steps=args.steps, guidance=args.guidance, lr=args.lr,
                 seed=args.seed, source_guidance=args.source_guidance, n_max=args.n_max,
                 n_min=args.n_min, n_avg=args.n_avg, true_cfg=args.true_cfg or None,
-                schedule=args.schedule, step_rule=args.step_rule, optimizer=args.optimizer)
+                schedule=args.schedule, step_rule=args.step_rule, optimizer=args.optimizer,
+                average_tail=args.average_tail)
 
 
 def _step_hook(pipe, args, job: Job, bar):
@@ -419,6 +420,9 @@ def add_method_options(p) -> None:
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"],
                    help="DDS/SDS optimiser of the latent: sgd (the reference, default), momentum "
                    "(0.9) or adam (its --lr is a per-element step, e.g. 0.01)")
+    p.add_argument("--average-tail", type=float, metavar="F",
+                   help="DDS/SDS result: the mean of the latents after the last fraction F of the "
+                   "steps (suffix averaging; 0, the default, keeps the last latent)")
 
 
 def add_edit_parser(sub) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dds.errors import DDSError
 from dds.loop import EditConfig, check_diverged, uses_embedded_guidance
-from dds.methods import Draw, get_method, optimizer_state
+from dds.methods import Draw, TailMean, get_method, optimizer_state
 from dds.models.base import Conditioning, expand_cond
 from dds.models.trace import TracedUNet
 
@@ -258,11 +258,12 @@ class FastEditor:
                 )
                 self.cuda_graphs = False
                 z = z_hat.clone()
-        state = optimizer_state(cfg, z)
+        state, mean = optimizer_state(cfg, z), TailMean(cfg, len(plan.phases))
         for s, phase in enumerate(plan.phases):
             z = self._run_step(z, z_hat, cond, plan.t[s], plan.eps[s], plan.weight[s], phase,
                                state, *run)
-        return z
+            mean.add(s, z)
+        return mean.result(z)
 
     def _edit_graphed(self, z, z_hat, cond, plan: _Plan, run):
         """The loop as one captured CUDA graph of a step, replayed once per step; each step's
@@ -299,12 +300,14 @@ class FastEditor:
         st["z"].copy_(z)
         st["z_hat"].copy_(z_hat)
         _copy_cond(st["cond"], cond)
+        mean = TailMean(cfg, plan.t.shape[0])
         for s in range(plan.t.shape[0]):
             st["t"].copy_(plan.t[s])
             st["eps"].copy_(plan.eps[s])
             st["weight"].copy_(plan.weight[s])
             g["graph"].replay()
-        return st["z"].clone()
+            mean.add(s, st["z"])
+        return mean.result(st["z"].clone())
 
 
 _EDITORS: dict[tuple, FastEditor] = {}

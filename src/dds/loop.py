@@ -27,6 +27,7 @@ from dds.methods import (  # noqa: F401  (draw_t_eps: re-export)
     STEP_RULES,
     TIMESTEP_SCHEDULES,
     Draw,
+    TailMean,
     draw_t_eps,
     get_method,
     optimizer_state,
@@ -70,6 +71,7 @@ LIMITS = {
     "n_max": (1, 5000),
     "n_min": (0, 5000),
     "n_avg": (1, 64),
+    "average_tail": (0.0, 1.0),
 }
 # Latents of every supported model stay within a few units; far beyond this the edit diverged.
 DIVERGED_ABS = 1e4
@@ -116,6 +118,9 @@ class EditConfig:
     # The optimiser of the latent (score distillation): "sgd" (the reference), "momentum"
     # (heavy ball, 0.9) or "adam" (lr is then a per-element step, e.g. 0.01).
     optimizer: str = "sgd"
+    # The result: the latest latent (0, the reference) or the mean of the latents after the
+    # last fraction `average_tail` of the steps (suffix averaging, `dds.methods.TailMean`).
+    average_tail: float = 0.0
     # Guidance of the source branch (DDS, FlowEdit); None: the same as `guidance`.
     source_guidance: float | None = None
     # FlowEdit: of `steps` descending timesteps run the last n_max (None: all), the last n_min
@@ -158,6 +163,10 @@ class EditConfig:
         if self.step_rule == "decay" and self.optimizer == "adam":
             bad("step_rule", "'decay' scales each step's gradient, which Adam normalises away; "
                 "use it with 'sgd' or 'momentum', or give Adam the 'constant' rule")
+        check_range("average_tail", self.average_tail)
+        if self.average_tail > 0 and not get_method(self.method).gradient:
+            bad("average_tail", f"{self.method} follows an ODE whose iterates are not estimates "
+                "of one edit; use 0 (the default) or the dds or sds method")
         if self.optimizer != "sgd" and not get_method(self.method).gradient:
             bad("optimizer", f"{self.method} follows an ODE and has no optimiser; use 'sgd' "
                 "(the default) or the dds or sds method")
@@ -217,7 +226,8 @@ def edit_latents(
     Edit i uses generator seed `seeds[i]` (default cfg.seed + i).  For DDS and SDS the loop
     mirrors the reference: SGD on z with loss = loss_scale * <z, w(t) grad> / area
     (`dds.score.sgd_step`).  `on_step` sees every step; `stop.is_set()` ends the loop after
-    the current step.
+    the current step.  With `cfg.average_tail`, the result is the mean of the last steps'
+    latents (`dds.methods.TailMean`; `on_step` sees each step's own).
     """
     device = model.device
     b = z_hat.shape[0]
@@ -232,18 +242,20 @@ def edit_latents(
                                expand_cond(cond_target, b), cfg, embedded)
     every = DIVERGENCE_CHECK_EVERY.get(z.device.type, DIVERGENCE_CHECK_EVERY["default"])
     total, state = method.num_steps(cfg), optimizer_state(cfg, z)
+    mean = TailMean(cfg, total)
     with torch.no_grad():
         for step in range(total):
             d = to_device(method.draw(step, gens, shape, cfg, schedule), device)
             z, g = method.step(model.predict_eps, z, z_hat, cond, d, schedule, cfg, embedded,
                                state)
+            mean.add(step, z)
             if (step + 1) % every == 0 or step + 1 == total:
                 check_diverged(z, step + 1)
             if on_step is not None:
                 on_step(StepInfo(step + 1, total, z, g.flatten(1).norm(dim=1)))
             if stop is not None and stop.is_set():
                 break
-    return z
+    return mean.result(z)
 
 
 def uses_embedded_guidance(model, cfg: EditConfig) -> bool:

@@ -120,6 +120,27 @@ STEP_RULES = ("constant", "budget", "decay")
 REFERENCE_STEPS = 200
 
 
+class TailMean:
+    """The edit's result under `cfg.average_tail` (Polyak-Ruppert suffix averaging): the mean
+    of the latents after each of the last round(average_tail x steps) steps (at least one), so
+    that the noise of the last draws averages out; with 0 (the reference) or before the tail
+    begins, the latest latent itself."""
+
+    def __init__(self, cfg, total: int):
+        k = max(1, round(cfg.average_tail * total)) if cfg.average_tail > 0 else 0
+        self.first, self.sum, self.n = total - k, None, 0
+
+    def add(self, step: int, z: Tensor) -> None:
+        """Record the latent after step `step` (0-based)."""
+        if step >= self.first:
+            self.sum = z.clone() if self.sum is None else self.sum.add_(z)
+            self.n += 1
+
+    def result(self, z: Tensor) -> Tensor:
+        """The edit's result, z being the latest latent."""
+        return z if self.n == 0 else self.sum / self.n
+
+
 # The optimiser that applies the score to the latent: "sgd", the reference; "momentum",
 # heavy-ball SGD (0.9); "adam", Adam (0.9, 0.999), whose lr is a per-element step.
 OPTIMIZERS = ("sgd", "momentum", "adam")

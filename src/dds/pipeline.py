@@ -68,7 +68,7 @@ def check_prompts(source: str | None, target: str, method: str) -> None:
 # The keys of a recommended timestep schedule (`dds eval schedules --write` puts them under the
 # method's name in dds_edit_defaults.json): one unit, so that naming a schedule (`--schedule
 # reference`) gives the reference recipe's value for every key of it left unset.
-SCHEDULE_KEYS = ("schedule", "steps", "step_rule", "n_avg", "optimizer", "lr")
+SCHEDULE_KEYS = ("schedule", "steps", "step_rule", "n_avg", "optimizer", "lr", "average_tail")
 
 
 def edit_config(model, **overrides) -> EditConfig:

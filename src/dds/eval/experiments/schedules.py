@@ -31,6 +31,7 @@ class Setting:
     steps: int
     optimizer: str = "sgd"
     lr: float | None = None  # None: the model's editing default
+    average_tail: float = 0.0  # the result: the last latent, or the mean of the last fraction
 
     @property
     def calls(self) -> int:
@@ -40,11 +41,14 @@ class Setting:
     @property
     def curve(self) -> str:
         avg = f", avg {self.n_avg}" if self.n_avg > 1 else ""
-        return f"{self.schedule}, {self.step_rule} lr{avg}{self._opt(', ', ' lr ')}"
+        tail = f", mean of last {self.average_tail:.0%}" if self.average_tail else ""
+        return f"{self.schedule}, {self.step_rule} lr{avg}{self._opt(', ', ' lr ')}{tail}"
 
     @property
     def key(self) -> str:
-        return f"{self.schedule}-{self.step_rule}-n{self.n_avg}-s{self.steps}{self._opt('-', '')}"
+        tail = f"-tail{self.average_tail:g}" if self.average_tail else ""
+        return (f"{self.schedule}-{self.step_rule}-n{self.n_avg}-s{self.steps}"
+                f"{self._opt('-', '')}{tail}")
 
     def _opt(self, sep: str, lr: str) -> str:
         if self.optimizer == "sgd" and self.lr is None:
@@ -55,11 +59,14 @@ class Setting:
 def settings_of(p: dict) -> tuple[Setting, list[Setting]]:
     """The reference recipe and every setting of the grid (budgets are denoiser calls); each
     optimiser of p["optimizers"] (name: lr) adds every schedule at every budget, constant
-    step, one draw."""
+    step, one draw; each fraction of p["tails"] the same with the budget step, SGD and the mean
+    of that last fraction of the latents."""
     ref = Setting("reference", "constant", 1, p["reference_steps"])
     grid = [Setting(s, r, a, b // a) for s in p["schedules"] for r in p["step_rules"]
             for a in p["n_avg"] for b in p["budgets"] if b // a >= 1]
     grid += [Setting(s, "constant", 1, b, o, lr) for o, lr in p.get("optimizers", {}).items()
+             for s in p["schedules"] for b in p["budgets"]]
+    grid += [Setting(s, "budget", 1, b, average_tail=f) for f in p.get("tails", [])
              for s in p["schedules"] for b in p["budgets"]]
     return ref, [g for g in grid if g != ref]
 
@@ -69,7 +76,7 @@ def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
 
     n = sl.stop - sl.start
     cfg = ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps,
-                       optimizer=s.optimizer, lr=s.lr)
+                       optimizer=s.optimizer, lr=s.lr, average_tail=s.average_tail)
     z = edit_latents(ctx.model, es.z_hat[sl], es.cond_source[sl], es.cond_target[sl], cfg,
                      on_step=lambda info: bar.update(n * s.n_avg),
                      seeds=[ctx.seed + sl.start + i for i in range(n)])
@@ -113,7 +120,8 @@ def run_schedules(ctx, p: dict) -> dict:
         paired[s.key] = c
         rows.append({"setting": s.key, "curve": s.curve, "schedule": s.schedule,
                      "step_rule": s.step_rule, "n_avg": s.n_avg, "optimizer": s.optimizer,
-                     "lr": s.lr, "steps": s.steps, "calls": s.calls,
+                     "lr": s.lr, "average_tail": s.average_tail, "steps": s.steps,
+                     "calls": s.calls,
                      **{k: float(np.nanmean(v)) for k, v in per[s].items()},
                      **{f"{m}_diff": c[m]["difference"] for m in es.compared},
                      **{f"{m}_low": c[m]["low"] for m in es.compared},
