@@ -195,7 +195,8 @@ def test_model_folder_recommended_defaults(tiny_sd, tmp_path):
 
     b = StableDiffusionModel(m, device="cpu")
     cfg = edit_config(b, lr=0.5)  # the folder's guidance, the caller's lr, the family's schedule
-    assert (cfg.guidance, cfg.lr, cfg.steps, cfg.schedule) == (3.0, 0.5, 50, "stratified")
+    assert (cfg.guidance, cfg.lr, cfg.steps, cfg.schedule, cfg.average_tail) == (
+        3.0, 0.5, 50, "stratified", 0.2)
     assert edit_config(b, schedule="reference").steps == 200
 
 

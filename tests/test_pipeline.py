@@ -34,7 +34,7 @@ def test_the_result_is_the_loop_on_the_encoded_input(pipe, photo):
     m = pipe.model
     z_hat = m.encode(pil_to_tensor(r.input))
     # The Stable Diffusion family's DDS schedule (`dds.models.base.FEWER_STEPS`) at 3 steps.
-    cfg = EditConfig(steps=3, seed=5, schedule="stratified", step_rule="budget")
+    cfg = EditConfig(steps=3, seed=5, schedule="stratified", step_rule="budget", average_tail=0.2)
     z = edit_latents(m, z_hat, m.encode_prompt(["a red circle"]),
                      m.encode_prompt(["a blue square"]), cfg)
     assert torch.equal(r.latents, z)
@@ -125,10 +125,11 @@ def test_a_recommended_schedule_is_the_default_and_naming_one_sets_it_aside():
     assert (back.optimizer, back.lr, back.steps) == ("sgd", 0.03, EditConfig.steps)
 
 
-def test_the_built_in_model_and_sd_families_run_dds_in_50_stratified_budget_steps():
+def test_the_built_in_model_and_sd_families_run_dds_in_fewer_stratified_budget_steps():
     """The schedule `dds eval schedules` chose (docs/evidence.md) is the built-in model's DDS
-    default and the SD 1.x/2.x and SDXL families' recommendation; its step is the reference's
-    lr times 200 / 50; SDS and `--schedule reference` keep the paper's recipe."""
+    default (25 steps, each the reference's lr x 200 / 25, the mean of the last 5 latents); the
+    SD 1.x/2.x and SDXL families recommend the 50-step one; SDS and `--schedule reference` keep
+    the paper's recipe."""
     from types import SimpleNamespace
 
     from dds.builtin import BUILTIN_DIR
@@ -141,14 +142,17 @@ def test_the_built_in_model_and_sd_families_run_dds_in_50_stratified_budget_step
 
     shipped = json.loads((BUILTIN_DIR / "dds_edit_defaults.json").read_text())
     want = {"schedule": "stratified", "steps": 50, "step_rule": "budget", "n_avg": 1,
-            "optimizer": "sgd"}
-    assert shipped["dds"] == want == FEWER_STEPS
+            "optimizer": "sgd", "average_tail": 0.2}
+    assert shipped["dds"] == {**want, "steps": 25} and FEWER_STEPS == want
     assert StableDiffusionModel.family_defaults["dds"] == want == SDXLModel.family_defaults["dds"]
     assert "dds" not in SD3Model.family_defaults  # flow models: not measured
     model = SimpleNamespace(edit_defaults={**StableDiffusionModel.family_defaults, **shipped})
     cfg = edit_config(model)
-    assert (cfg.schedule, cfg.steps, cfg.step_rule, cfg.lr) == ("stratified", 50, "budget", 0.03)
-    assert step_lr(cfg) == pytest.approx(0.03 * 4)
+    assert (cfg.schedule, cfg.steps, cfg.step_rule, cfg.lr, cfg.average_tail) == (
+        "stratified", 25, "budget", 0.03, 0.2)
+    assert step_lr(cfg) == pytest.approx(0.03 * 8)
+    family = edit_config(SimpleNamespace(edit_defaults=StableDiffusionModel.family_defaults))
+    assert (family.steps, family.lr, step_lr(family)) == (50, 0.1, pytest.approx(0.4))
     assert edit_config(model, schedule="reference").steps == 200
     assert (edit_config(model, method="sds").schedule, edit_config(model, method="sds").steps) == (
         "reference", 200)
