@@ -454,8 +454,8 @@ def add_edit_parser(sub) -> None:
     p.add_argument("--method", choices=METHOD_NAMES,
                    help="dds, sds (score distillation) or flowedit (default dds)")
     p.add_argument("--steps", type=int,
-                   help="optimisation steps (default: the model's; DDS on the built-in model 25, on "
-                   "SD 1.x/2.x/SDXL 50, the reference recipe 200); FlowEdit: its schedule's T")
+                   help="optimisation steps (default: the model's; DDS on the built-in model 25, "
+                   "on SD 1.x/2.x/SDXL 50, the reference recipe 200); FlowEdit: its schedule's T")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5); "
                    "FLUX.1-dev: its guidance input")
     add_method_options(p)

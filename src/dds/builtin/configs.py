@@ -188,9 +188,10 @@ UNET4 = UNetConfig(
 
 
 def fourth() -> TrainConfig:
-    """The fourth release's recipe, the shipped model's (docs/builtin-model-4.md): a 32x32x4 latent, so that the
-    decoder can show small stars and crosses (500 autoencoder steps read 77% of the shapes on
-    held-out reconstructions where the 16x16x4 autoencoder read 37%), and the UNet ``UNET4``.
+    """The fourth release's recipe, the shipped model's (docs/builtin-model-4.md): a 32x32x4
+    latent, so that the decoder can show small stars and crosses (500 autoencoder steps read
+    77% of the shapes on held-out reconstructions where the 16x16x4 autoencoder read 37%), and
+    the UNet ``UNET4``.
     About 4.5 to 5.5 hours on 2 free CPU cores (autoencoder 1, UNet 3.2 to 4); checkpoints
     every 100 steps, so an interruption loses a few minutes at most."""
     return TrainConfig(
