@@ -7,11 +7,13 @@
 #
 # MODEL_FOLDER: an exported built-in model (e.g. runs/builtin-4/model); the chosen editing
 # defaults are written into it (dds_edit_defaults.json).  OUT_FOLDER: reports, plots, the five
-# translation runs and the demo; OUT_FOLDER/stages.log says when each stage started and ended.
+# translation runs (each against the paper's recipe: translation/compare-NAME.md) and the demo;
+# OUT_FOLDER/stages.log says when each stage started and ended.
 # --quick: the small presets and short translation runs (a check of the whole chain).
 # DDS (default .venv/bin/dds) picks the command; STAGES (default: all) a space-separated subset
-# of: defaults quality evidence translation demo; PARALLEL=1 trains the five translation
-# networks at once (on a GPU; on 2 CPU cores they would only share them).
+# of: defaults quality evidence translation demo, where a stage may also be named with its part
+# (evidence/schedules, translation/full, translation/t-stratified, ...); PARALLEL=1 trains the
+# chosen translation networks at once (on a GPU; on a small CPU, one torch thread each).
 set -euo pipefail
 
 MODEL=${1:?usage: scripts/measure-release.sh MODEL_FOLDER OUT_FOLDER [--quick]}
@@ -26,7 +28,7 @@ mkdir -p "$OUT"
 
 stage() {  # stage NAME COMMAND...: run unless OUT/NAME.done exists; log start and end
     local name=$1; shift
-    case " $STAGES " in *" ${name%%/*} "*) ;; *) return 0;; esac
+    case " $STAGES " in *" ${name%%/*} "*|*" $name "*) ;; *) return 0;; esac
     [ -e "$OUT/$name.done" ] && { echo "== $name: done before"; return 0; }
     echo "$(date -u +%FT%TZ) start $name: $*" >> "$OUT/stages.log"
     echo "== $name: $*"
@@ -76,5 +78,14 @@ if [ -n "$PARALLEL" ]; then  # one accelerator is far from busy with one batch-8
 else
     for n in "${NETWORKS[@]}"; do stage "translation/${n%% *}" translation $n; done
 fi
+# each ablation and trainer schedule against the paper's recipe, edit by edit (cheap: redone
+# whenever both reports are there)
+for n in "${NETWORKS[@]}"; do
+    n=${n%% *}; r="$OUT/translation"
+    if [ "$n" != full ] && [ -f "$r/full/eval.json" ] && [ -f "$r/$n/eval.json" ]; then
+        "$DDS" translate-compare "$r/full/eval.json" "$r/$n/eval.json" --names "full,$n" \
+            --out "$r/compare-$n.json" > "$r/compare-$n.md"
+    fi
+done
 stage demo "$DDS" demo --model "$MODEL" --out "$OUT/demo"
 echo "measure-release: every stage done; reports under $OUT"

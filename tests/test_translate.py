@@ -316,6 +316,59 @@ def test_translate_python_call_and_cli(trained, tmp_path, capsys, registered):
         assert len(err.splitlines()) == 1 and words in err, err
 
 
+def test_eval_report_pairs_the_network_with_its_baselines_and_compare_pairs_two_reports(
+        trained, tmp_path, capsys, registered):
+    out = tmp_path / "eval.json"
+    assert main(["translate-eval", "--model", str(trained), "--n", "3", "--baselines", "dds",
+                 "--dds-steps", "2", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert printed == (tmp_path / "eval.md").read_text() + "\n"
+    assert "zero-shot DDS" in printed and "no edit" in printed
+    tasks = np.array(rep["edits"]["task"])
+    assert tasks.tolist() == ["square"] * 3 + ["star"] * 3
+    per = {m: {k: np.array(v, dtype=float) for k, v in d.items()}
+           for m, d in rep["per_edit"].items()}
+    assert set(per) == {"network", "zero_shot_dds", "no-edit", "round-trip"}
+    for task in ("square", "star"):  # the per-task means are the means of that task's edits
+        for k in ("psnr_gt", "psnr_gain", "ssim_out", "success_pos"):
+            assert rep["tasks"][task]["network"][k] == pytest.approx(per["network"][k][tasks == task].mean())
+    # psnr_gain is psnr_gt over the no-edit floor's, edit by edit
+    np.testing.assert_allclose(per["network"]["psnr_gain"],
+                               per["network"]["psnr_gt"] - per["no-edit"]["psnr_gt"], atol=1e-9)
+    (c,) = rep["paired"]
+    assert (c["a"], c["b"]) == ("network", "zero_shot_dds")
+    d = c["by"]["all"]["psnr_gain"]
+    diff = per["network"]["psnr_gain"] - per["zero_shot_dds"]["psnr_gain"]
+    assert d["n"] == 6 and d["difference"] == pytest.approx(diff.mean())
+    assert d["low"] < diff.mean() < d["high"] or diff.std() == 0
+
+    # two networks on the same edits: B is A with 1 dB more gain on every edit
+    shifted = json.loads(out.read_text())
+    shifted["per_edit"]["network"]["psnr_gain"] = (per["network"]["psnr_gain"] + 1).tolist()
+    (tmp_path / "b.json").write_text(json.dumps(shifted))
+    assert main(["translate-compare", str(out), str(tmp_path / "b.json"), "--names", "full,sds",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())["by"]["all"]
+    assert c["psnr_gain"]["difference"] == pytest.approx(-1.0)
+    assert c["psnr_gain"]["low"] == pytest.approx(-1.0) and c["psnr_gain"]["verdict"] == "sds better"
+    assert c["ssim_out"]["difference"] == 0 and c["ssim_out"]["verdict"] == "no difference"
+    assert "| full | sds |" in capsys.readouterr().out
+
+    shifted["edits"]["digest"] = "0" * 16
+    (tmp_path / "other.json").write_text(json.dumps(shifted))
+    del shifted["per_edit"]
+    (tmp_path / "old.json").write_text(json.dumps(shifted))
+    for argv, words in [([str(out), str(tmp_path / "other.json")], "different edits"),
+                        ([str(out), str(tmp_path / "old.json")], "no per-edit metrics"),
+                        ([str(out), str(tmp_path / "none.json")], "does not exist"),
+                        ([str(out), str(out), "--names", "x"], "two different names"),
+                        ([str(out), str(out), "--names", "x,x"], "two different names")]:
+        assert main(["translate-compare", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+
+
 # ---- evaluation helpers -------------------------------------------------------------------
 def test_collapse_metrics_tell_a_fixed_place_from_following_the_input():
     from dds.eval.world_edits import images_of

@@ -122,18 +122,21 @@ PAIRED = "paired"  # the key of a method comparison beside the methods' and floo
 
 
 def compare_methods(per: dict[str, dict[str, np.ndarray]], kinds: Sequence[str],
-                    metrics: Sequence[str], a: str = "dds", b: str = "sds") -> dict:
+                    metrics: Sequence[str], a: str = "dds", b: str = "sds",
+                    labels: tuple[str, str] | None = None) -> dict:
     """Method `a` against method `b` ({method: per-edit metrics}, same edits and seeds), per
-    kind of edit and over all: {"a", "b", "by": {kind: {metric: difference}}}."""
-    return {"a": a, "b": b,
-            "by": compare(per[a], per[b], metrics, kinds, (a.upper(), b.upper()))}
+    kind of edit and over all: {"a", "b", "labels", "by": {kind: {metric: difference}}};
+    labels name the two in tables and readings (default: the keys in capitals)."""
+    labels = tuple(labels or (a.upper(), b.upper()))
+    return {"a": a, "b": b, "labels": list(labels),
+            "by": compare(per[a], per[b], metrics, kinds, labels)}
 
 
 def comparison_text(c: dict) -> str:
     """The paired comparison `compare_methods` made, as a sentence and a markdown table."""
     from dds.eval.report import paired_table
 
-    a, b = c["a"].upper(), c["b"].upper()
+    a, b = c.get("labels") or (c["a"].upper(), c["b"].upper())
     return (f"{a} against {b}, edit by edit (same edits, same seeds): the difference of the "
             "means with its 95% interval (paired t for means, Agresti-Min for success "
             "proportions); an interval holding zero reads 'no difference'.\n\n"

@@ -80,7 +80,9 @@ def add_parser(sub) -> None:
         help="score a translation network on the built-in world vs zero-shot DDS and SDEdit",
         description="Held-out world scenes per task (OLD:NEW shape or colour rules): judge "
         "success, PSNR to the ground truth, PSNR/SSIM outside the object, images/s, and mode "
-        "collapse measures. Prints a JSON report.",
+        "collapse measures, with the no-edit and autoencoder round-trip floors and the network "
+        "against each baseline edit by edit (95% intervals). Prints the report as markdown; "
+        "--out writes it as JSON (every edit's metrics included) and as markdown beside it.",
     )
     e.add_argument("--model", required=True, help="run folder or checkpoint folder")
     e.add_argument("--n", type=int, default=32, help="held-out edits per task")
@@ -90,7 +92,7 @@ def add_parser(sub) -> None:
     e.add_argument("--dds-steps", type=int, help="zero-shot DDS steps (default: the model's)")
     e.add_argument("--base-model", help="base model folder (default: the one trained from)")
     e.add_argument("--judge", help="judge weights (default: the packaged judge)")
-    e.add_argument("--out", help="also write the JSON report here")
+    e.add_argument("--out", help="write the JSON report here (and OUT with suffix .md)")
     e.add_argument("--quiet", action="store_true")
 
     def run_eval(args):
@@ -101,3 +103,25 @@ def add_parser(sub) -> None:
         return main_eval(args)
 
     e.set_defaults(func=run_eval)
+
+    c = sub.add_parser(
+        "translate-compare",
+        help="compare two translation networks edit by edit from their translate-eval reports",
+        description="Paired differences (same held-out edits) between the networks of two "
+        "`dds translate-eval --out` reports, per task and over all, with 95% intervals "
+        "(paired t for means, Agresti-Min for success); an interval holding zero reads "
+        "'no difference'.",
+        epilog="example: dds translate-compare runs/full/eval.json runs/sds/eval.json "
+        "--names full,sds",
+    )
+    c.add_argument("a", metavar="A", help="report of the first network (its JSON)")
+    c.add_argument("b", metavar="B", help="report of the second network")
+    c.add_argument("--names", help="two names for the table, comma-separated (default: A,B)")
+    c.add_argument("--out", help="also write the comparison as JSON here")
+
+    def run_compare(args):
+        from dds.translate.evaluate import main_compare
+
+        return main_compare(args)
+
+    c.set_defaults(func=run_compare)
