@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dds.cli import main
@@ -250,6 +251,30 @@ def test_world_jobs_export_with_their_truth_and_are_scored(tiny_sd, tmp_path, ca
     assert all(set(r["metrics"]) == {"success_pos", "success", "psnr_gt", "psnr_gain",
                                      "psnr_out", "ssim_out"} for r in recs.values())
     assert "truth known for 3 edits; mean success (placed)" in err
+    # beside each output, the floors: the source itself (no edit) and its autoencoder round trip
+    from dds.images import load_image, pil_to_tensor, prepare, tensor_to_pil
+    from dds.models import load_model
+
+    model = load_model(str(tiny_sd))
+    for i, r in enumerate(recs.values()):
+        none, rt = r["floors"]["no-edit"], r["floors"]["round-trip"]
+        # (the saved source is the exact render rounded to 8 bits: a gain within 0.05 dB of 0)
+        assert none["success"] == 0 and none["ssim_out"] == pytest.approx(1, abs=1e-3)
+        assert none["psnr_gain"] == pytest.approx(0, abs=0.05)
+        assert none["psnr_gt"] == pytest.approx(
+            r["metrics"]["psnr_gt"] - r["metrics"]["psnr_gain"] + none["psnr_gain"], abs=1e-4)
+        m = meta[i]  # the round trip computed here: encode, decode, back to the truth's 64x64
+        with torch.no_grad():
+            x = model.decode(model.encode(pil_to_tensor(prepare(load_image(folder / m["file_name"]), 16))))
+        back = np.asarray(tensor_to_pil(x).resize((64, 64), Image.Resampling.LANCZOS)) / 255.0
+        truth = np.asarray(load_image(folder / m["truth"])) / 255.0
+        # (the scorer's truth is the exact render, the file's is rounded to 8 bits)
+        assert rt["psnr_gt"] == pytest.approx(10 * np.log10(1 / np.mean((back - truth) ** 2)), abs=0.02)
+        exact_source_psnr = none["psnr_gt"] - none["psnr_gain"]  # the gains' common origin
+        assert rt["psnr_gain"] == pytest.approx(rt["psnr_gt"] - exact_source_psnr, abs=1e-4)
+    mean_rt = np.mean([r["floors"]["round-trip"]["psnr_gt"] for r in recs.values()])
+    assert "floor, autoencoder round trip: mean success (placed)" in err
+    assert f"PSNR to ground truth {mean_rt:.2f}" in err.split("round trip:")[1]
     # a truth image alone (no world edit): PSNR to it, and outside where it equals the source
     jobs = tmp_path / "jobs.csv"
     jobs.write_text("image,source,target,truth\n" + "".join(
@@ -260,6 +285,8 @@ def test_world_jobs_export_with_their_truth_and_are_scored(tiny_sd, tmp_path, ca
     for r in records(tmp_path / "res2").values():
         assert set(r["metrics"]) == {"psnr_gt", "psnr_gain", "psnr_out", "ssim_out"}
         assert all(np.isfinite(v) for v in r["metrics"].values())
+        assert r["floors"]["no-edit"]["psnr_gain"] == 0
+        assert set(r["floors"]["round-trip"]) == set(r["metrics"])
 
 
 @pytest.mark.parametrize("argv,needle", [

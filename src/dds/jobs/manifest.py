@@ -14,7 +14,9 @@ job's share of its batch's wall time: load, encode, edit, decode, write), batch 
 shared its denoiser calls), started and finished (Unix times), rank, settings (what the command
 line asked: method, steps, guidance, ..., size, crop, model, precision, base seed), config (the
 resolved `EditConfig`, with the job's seed), runtime (device, precision, threads, processes),
-notes, metrics (when the truth is known), truth and edit (the world edit) when given.
+notes, metrics (when the truth is known) and floors (the same metrics for the source itself,
+"no-edit", and its autoencoder round trip, "round-trip"), truth and edit (the world edit) when
+given.
 """
 
 from __future__ import annotations
@@ -125,14 +127,24 @@ def merge(out_dir: Path) -> tuple[Path, dict[str, dict]]:
 
 
 def summarise(recs: Iterable[dict]) -> dict:
-    """Counts by status and the mean of every metric over the successful jobs."""
+    """Counts by status, the mean of every metric over the successful jobs, and of each
+    floor's metrics over the jobs that recorded them ({floor: {metric: mean}})."""
     recs = list(recs)
     ok = [r for r in recs if r.get("status") == OK]
-    sums: dict[str, list[float]] = {}
-    for r in ok:
-        for k, v in (r.get("metrics") or {}).items():
-            if isinstance(v, (int, float)):
-                sums.setdefault(k, []).append(float(v))
+    sums = _values(r.get("metrics") for r in ok)
+    names = dict.fromkeys(k for r in ok for k in (r.get("floors") or {}))
+    floors = {f: _values((r.get("floors") or {}).get(f) for r in ok) for f in names}
     return {"ok": len(ok), "failed": sum(r.get("status") == FAILED for r in recs),
             "metrics": {k: sum(v) / len(v) for k, v in sums.items()},
-            "scored": max((len(v) for v in sums.values()), default=0)}
+            "scored": max((len(v) for v in sums.values()), default=0),
+            "floors": {f: {k: sum(v) / len(v) for k, v in d.items()} for f, d in floors.items()}}
+
+
+def _values(dicts) -> dict[str, list[float]]:
+    """Every numeric value of the dicts, listed by key (None and non-numbers skipped)."""
+    out: dict[str, list[float]] = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            if isinstance(v, (int, float)):
+                out.setdefault(k, []).append(float(v))
+    return out

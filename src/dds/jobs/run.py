@@ -270,17 +270,26 @@ class ShardRunner:
         share = (finished - started) / len(group)
         for (job, p, image), result in zip(group, results, strict=True):
             result.save(job.out)
-            metrics = None
+            metrics = floors = None
             if job.edit is not None or job.truth is not None:
                 try:
                     metrics = self.scorer.score(job, result.image, image)
+                    if "error" not in metrics:
+                        floors = self.scorer.floors(job, image, self.round_trip(p.input))
                 except (DDSError, FileNotFoundError) as e:
                     metrics = {"error": str(e)}
             self._write(job_record(
                 job, self.jl.out_dir, OK, seconds=round(share, 4), started=started,
                 finished=time.time(), request=self.request, config=result.metadata["config"],
                 size=list(p.input.size), notes=list(p.notes) or None, metrics=metrics,
-                runtime=self.runtime(len(group))))
+                floors=floors, runtime=self.runtime(len(group))))
+
+    def round_trip(self, image):
+        """The autoencoder round trip of an input at its working size (a floor)."""
+        from dds.images import pil_to_tensor
+
+        with torch.no_grad():
+            return self.pipe.decode(self.pipe.model.encode(pil_to_tensor(image)))
 
     def edit(self, group: list) -> list:
         """The edits of one group: `EditResult`s in order."""
@@ -404,8 +413,9 @@ class Progress:
 
 def summary(records: dict[str, dict], jl: JobList, since: float | None = None) -> list[str]:
     """The lines printed at the end of a run: counts, this run's rate (`since`: its start, as a
-    Unix time) and the mean of every metric over the edits whose truth is known."""
-    from dds.eval.metrics import METRICS
+    Unix time) and the mean of every metric over the edits whose truth is known, then the
+    same means of the two floors (no edit, autoencoder round trip) over those edits."""
+    from dds.eval.floors import FLOOR_LABELS
     from dds.jobs.manifest import summarise
 
     recs = [records[j.key] for j in jl.jobs if j.key in records]
@@ -427,11 +437,18 @@ def summary(records: dict[str, dict], jl: JobList, since: float | None = None) -
             head += f", {len(now) / busy:.2f} edits/s while editing"
     lines = [head]
     if s["metrics"]:
-        order = [k for k in METRICS if k in s["metrics"]] + [
-            k for k in s["metrics"] if k not in METRICS]
-        parts = []
-        for k in order:
-            m, v = METRICS.get(k), s["metrics"][k]
-            parts.append(f"{m.short if m else k} {m.format(v) if m else f'{v:.3f}'}")
+        parts = _metric_parts(s["metrics"])
         lines.append(f"dds: truth known for {s['scored']} edits; mean " + ", ".join(parts))
+    for name, means in s["floors"].items():
+        lines.append(f"dds: floor, {FLOOR_LABELS.get(name, name)}: mean "
+                     + ", ".join(_metric_parts(means)))
     return lines
+
+
+def _metric_parts(means: dict[str, float]) -> list[str]:
+    """'label value' for each mean, in the metrics' registered order."""
+    from dds.eval.metrics import METRICS
+
+    order = [k for k in METRICS if k in means] + [k for k in means if k not in METRICS]
+    return [f"{METRICS[k].short} {METRICS[k].format(means[k])}" if k in METRICS
+            else f"{k} {means[k]:.3f}" for k in order]

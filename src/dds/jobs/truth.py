@@ -9,6 +9,9 @@
   the source outside the region where the truth differs from the source (by more than 2/255 in
   any channel, grown by 2 pixels as `dds.eval.metrics.outside` does).
 
+Beside each output, the same metrics of the two floors (`TruthScorer.floors`): the source
+itself (no edit) and its autoencoder round trip, decode(encode(source)).
+
 Outputs are scored at the truth's size (the world's canvas, 64x64): an output at another
 working size is resized to it first (Lanczos), and so is a source.
 """
@@ -54,6 +57,15 @@ class TruthScorer:
         if job.truth is not None:
             return self._truth_image(job, output, source)
         return None
+
+    def floors(self, job, source: Image.Image, round_trip: Image.Image) -> dict | None:
+        """The two floors every edit-quality report shows, for one job whose truth is known:
+        the same metrics for the source itself as the output ("no-edit") and for its
+        autoencoder round trip ("round-trip"); None when the truth is unknown."""
+        if job.edit is None and job.truth is None:
+            return None
+        return {"no-edit": self.score(job, source, source),
+                "round-trip": self.score(job, round_trip, source)}
 
     def _world(self, job, output: Image.Image) -> dict:
         from dds.eval.metrics import WORLD_METRICS, score_outputs
