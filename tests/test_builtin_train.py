@@ -287,6 +287,41 @@ def test_weighted_mse_closed_forms():
     assert torch.allclose(T.weighted_mse(pred, target, w), want)
 
 
+def test_timestep_weights_closed_forms():
+    a_bar = torch.tensor([0.99, 0.9, 0.5, 0.1, 0.01])
+    snr = a_bar.double() / (1 - a_bar.double())  # 99, 9, 1, 1/9, 1/99
+    assert torch.equal(T.timestep_weights(a_bar, "none"), torch.ones(5))
+    torch.testing.assert_close(T.timestep_weights(a_bar, "min-snr", 5.0),
+                               torch.tensor([5 / 99, 5 / 9, 1, 1, 1]))
+    torch.testing.assert_close(T.timestep_weights(a_bar, "p2"), (1 / (1 + snr)).float())
+    assert T.timestep_weights(a_bar, "p2")[2] == pytest.approx(0.5)
+    with pytest.raises(DDSError, match="none, min-snr, p2"):
+        T.timestep_weights(a_bar, "snr")
+
+
+def test_a_run_seeded_from_an_exported_model_trains_only_its_unet(full_run, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    _, model_dir, _ = full_run
+    cfg = C.with_overrides(tiny_cfg(), timestep_weighting="p2")
+    run = tmp_path / "run"
+    assert T.seed_from_model(cfg, run, model_dir) == ["text.pt", "vae.pt"]
+    assert T.seed_from_model(cfg, run, model_dir) == []  # kept: the run resumes
+    r = T.train_builtin(cfg, run, tmp_path / "m", progress=False)
+    assert r["finished"] and r["vae"]["seeded_from"] == str(model_dir)
+    with open(run / "log.csv", newline="") as f:
+        assert [row["stage"] for row in csv.DictReader(f)] == ["unet"] * 4
+    a, b = (AutoencoderKL.from_pretrained(d / "vae") for d in (model_dir, tmp_path / "m"))
+    assert a.config.scaling_factor == b.config.scaling_factor
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    # a folder of another architecture, or no model at all, is one sentence
+    with pytest.raises(DDSError, match="not the architecture of this recipe"):
+        T.seed_from_model(C.fourth(), tmp_path / "other", model_dir)
+    with pytest.raises(DDSError, match="not an exported model folder"):
+        T.seed_from_model(cfg, tmp_path / "x", tmp_path)
+
+
 def test_object_weights_follow_the_object_masks():
     from dds.world import sample_scene
     from dds.world.scene import object_masks

@@ -603,6 +603,23 @@ def object_weights(scenes, image_size: int, latent_size: int, weight: float) -> 
     return 1.0 + weight * object_cover(scenes, latent_size, image_size)
 
 
+def timestep_weights(a_bar: torch.Tensor, kind: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss weights from alpha_bar at each sample's timestep (`TrainConfig`'s
+    timestep_weighting): 1 ("none"), min(SNR, gamma) / SNR ("min-snr") or 1 / (1 + SNR)
+    ("p2"), with SNR = a_bar / (1 - a_bar)."""
+    snr = a_bar.double() / (1 - a_bar.double())
+    if kind == "none":
+        w = torch.ones_like(snr)
+    elif kind == "min-snr":
+        w = snr.clamp(max=gamma) / snr
+    elif kind == "p2":
+        w = 1 / (1 + snr)
+    else:
+        raise DDSError(f"timestep weighting {kind!r} is unknown; use one of "
+                       + ", ".join(C.TIMESTEP_WEIGHTINGS))
+    return w.float()
+
+
 def weighted_mean(err: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """sum(w * err) / sum(w) over every element (w broadcast); the plain mean for None."""
     if w is None:
@@ -756,7 +773,8 @@ class _UNetStage:
                     "vae_scaling_factor": self.vae.config.scaling_factor}, self.ckpt_path)
 
     def loss(self, step: int) -> torch.Tensor:
-        """The epsilon objective on step's batch (its noise, timesteps and caption drops)."""
+        """The epsilon objective on step's batch (its noise, timesteps and caption drops),
+        weighted by object cover and timestep as the config says."""
         cfg = self.cfg
         g_step = step_generator(cfg.seed, "unet", step)
         batch = self.batches.get(step)
@@ -783,6 +801,10 @@ class _UNetStage:
         w = (object_weights(batch["scene"], cfg.image_size, lat.shape[-1],
                             cfg.object_loss_weight).to(dev)
              if cfg.object_loss_weight else None)
+        if cfg.timestep_weighting != "none":
+            wt = timestep_weights(self.noise_sched.alphas_cumprod.to(dev)[ts],
+                                  cfg.timestep_weighting, cfg.snr_gamma).view(-1, 1, 1, 1)
+            w = wt if w is None else w * wt
         return weighted_mse(pred, noise, w)
 
     def one_step(self, step: int):
@@ -960,6 +982,57 @@ def folder_size_mb(folder: Path) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Seeding a run from an exported model
+# --------------------------------------------------------------------------------------------
+
+
+def seed_from_model(cfg: C.TrainConfig, run_dir: str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+    """Write the finished stage-0 and stage-1 checkpoints (text.pt, vae.pt) of `run_dir` from
+    an exported model folder's text encoder and autoencoder, so that a run trains only its
+    UNet on them (a UNet recipe measured on a released model's encoder and autoencoder, which
+    the folder keeps when its run folder is gone).  A checkpoint already there is kept (the run
+    resumes).  Returns the files written.  Both networks must have the config's architecture."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    run_dir, folder = Path(run_dir), Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise DDSError(f"--from-model '{folder}' is not an exported model folder (no "
+                       "model_index.json); give a folder that `dds train-builtin` wrote")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = json.loads((folder / "training.json").read_text(encoding="utf-8")) \
+        if (folder / "training.json").is_file() else {}
+    written = []
+    if cfg.text_pretrain_steps > 0 and not (run_dir / "text.pt").exists():
+        text = C.build_text_encoder(cfg.text)
+        _load_same(text, CLIPTextModel.from_pretrained(folder / "text_encoder"), folder, "text encoder")
+        info = {**record.get("text", {}), "seeded_from": str(folder)}
+        save_state({"stage": "text", "config": cfg.to_dict(), "text_encoder": text.state_dict(),
+                    "info": info}, run_dir / "text.pt")
+        written.append("text.pt")
+    if not (run_dir / "vae.pt").exists():
+        src = AutoencoderKL.from_pretrained(folder / "vae")
+        vae = C.build_vae(cfg.vae)
+        _load_same(vae, src, folder, "autoencoder")
+        info = {**record.get("vae", {}), "scaling_factor": float(src.config.scaling_factor),
+                "seeded_from": str(folder)}
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        at = Counter(cfg.vae_steps, float(record.get("vae", {}).get("seconds", 0.0)))
+        save_state(_vae_state(cfg, vae, opt, at, True, info), run_dir / "vae.pt")
+        written.append("vae.pt")
+    return written
+
+
+def _load_same(dst: torch.nn.Module, src: torch.nn.Module, folder: Path, what: str) -> None:
+    """dst's weights from src, in float32; a different architecture is one sentence."""
+    have, want = src.state_dict(), dst.state_dict()
+    if have.keys() != want.keys() or any(have[k].shape != want[k].shape for k in want):
+        raise DDSError(f"the {what} of '{folder}' is not the architecture of this recipe; "
+                       "give the --preset (or --tiny) that the folder was trained with")
+    dst.load_state_dict({k: v.float() for k, v in have.items()})
+
+
+# --------------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------------
 
@@ -1130,6 +1203,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the per-channel constant added to the UNet's training noise")
     p.add_argument("--object-loss-weight", type=float, default=None,
                    help="extra loss weight of the latent cells objects cover (0: plain mean)")
+    p.add_argument("--timestep-weighting", choices=C.TIMESTEP_WEIGHTINGS, default=None,
+                   help="weight each sample's UNet loss by its noise level: none (the plain "
+                   "epsilon objective), min-snr (min(SNR, --snr-gamma)/SNR), p2 (1/(1+SNR): "
+                   "more weight where coarse content such as shape is decided)")
+    p.add_argument("--snr-gamma", type=float, default=None, help="min-snr's cap (default 5)")
     p.add_argument("--text-pretrain-steps", type=int, default=None,
                    help="steps of stage 0, where the text encoder learns to name each caption's "
                    "attributes before the UNet starts (0: none)")
@@ -1156,6 +1234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "UNet stage the model reached is exported all the same (the same command "
                    "resumes)")
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring checkpoints")
+    p.add_argument("--from-model", metavar="FOLDER",
+                   help="take the text encoder and autoencoder of this exported model (e.g. "
+                   "the shipped one) as the run's finished stages 0 and 1, so that only the "
+                   "UNet trains")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -1178,6 +1260,8 @@ def config_from_args(args) -> C.TrainConfig:
         offset_noise=args.offset_noise,
         judge_every=args.judge_every,
         object_loss_weight=args.object_loss_weight,
+        timestep_weighting=args.timestep_weighting,
+        snr_gamma=args.snr_gamma,
         text_pretrain_steps=args.text_pretrain_steps,
         text_lr=args.text_lr,
         vae_object_loss_weight=args.vae_object_loss_weight,
@@ -1196,6 +1280,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(cfg.threads)))
     argv_used = sys.argv[1:] if argv is None else list(argv)
     command = "dds train-builtin " + " ".join(argv_used)
+    if args.from_model and not args.no_resume:
+        for name in seed_from_model(cfg, args.run_dir, args.from_model):
+            print(f"{name}: from '{args.from_model}'")
+    elif args.from_model:
+        raise DDSError("--from-model seeds a run's first stages and --no-resume would delete "
+                       "them; drop one of the two")
     res = train_builtin(
         cfg,
         args.run_dir,
