@@ -1016,6 +1016,8 @@ def seed_from_model(cfg: C.TrainConfig, run_dir: str | os.PathLike, folder: str 
         _load_same(vae, src, folder, "autoencoder")
         info = {**record.get("vae", {}), "scaling_factor": float(src.config.scaling_factor),
                 "seeded_from": str(folder)}
+        if "heldout_psnr_db" not in info:  # a folder without its training record
+            info["heldout_psnr_db"] = vae_eval_psnr(vae.eval(), cfg, n=cfg.eval_images)
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         at = Counter(cfg.vae_steps, float(record.get("vae", {}).get("seconds", 0.0)))
         save_state(_vae_state(cfg, vae, opt, at, True, info), run_dir / "vae.pt")
