@@ -18,6 +18,7 @@ from PIL import Image
 from dds.errors import DDSError
 from dds.pipeline import image_hash
 from dds.ui.app import EditSession, bundled_examples, photo_examples, world_examples
+from dds.ui.session import HISTORY_COLUMNS
 
 SIZE = 32
 
@@ -170,6 +171,43 @@ def test_page_edit_records_history_and_png(session, photo):
     # a note that is not an error (the 40x24 input is worked on at 32x16) reaches the page
     assert "**Note:** The working size 32x16 changes the image's aspect ratio" in final["message"]
     assert any("Note:" in o.get("message", "") for o in outs if o.get("running"))
+
+
+def test_schedule_from_the_page(session, photo):
+    """The page starts at the model's recommended schedule (the SD families': 50 stratified
+    steps, budget step, mean of the last fifth); picking another gives that schedule with the
+    reference recipe's steps, step size and result; an edit records what it ran."""
+    from dds.models.base import FEWER_STEPS
+    from dds.ui.session import history_rows
+
+    d = session.defaults
+    assert (d["schedule"], d["step_rule"], d["average_tail"]) == ("stratified", "budget", 0.2)
+    assert session.method_defaults("dds", "stratified")["steps"] == FEWER_STEPS["steps"]
+    ref = session.method_defaults("dds", "reference")
+    assert (ref["steps"], ref["step_rule"], ref["average_tail"]) == (200, "constant", 0.0)
+    assert session.method_defaults("sds", "descending")["schedule"] == "descending"
+    runs = {}
+    for name, extra in (("model", {}), ("ref", dict(schedule="Reference", step_rule="constant",
+                                                    average_tail=0.0))):
+        outs = list(session.page_edit(photo, "noise", "a red circle", "dds", 7.5, 4, 0.1, 3,
+                                      SIZE, [], key=name, **extra))
+        runs[name] = outs[-1]
+        assert runs[name]["message"].startswith("Edit done"), runs[name]["message"]
+    meta = {k: json.loads(Image.open(r["download"]).text["dds"])["config"]
+            for k, r in runs.items()}
+    assert (meta["model"]["schedule"], meta["model"]["step_rule"]) == ("stratified", "budget")
+    assert meta["model"]["average_tail"] == 0.2 and meta["model"]["steps"] == 4
+    assert (meta["ref"]["schedule"], meta["ref"]["step_rule"]) == ("reference", "constant")
+    assert meta["ref"]["average_tail"] == 0.0
+    row = dict(zip(HISTORY_COLUMNS, history_rows(runs["model"]["history"])[0], strict=True))
+    assert row["schedule"] == "stratified, budget, tail 0.2"
+    assert history_rows(runs["ref"]["history"])[0][HISTORY_COLUMNS.index("schedule")] == \
+        "reference, constant"
+    # FlowEdit has its own schedule: the page's schedule settings do not reach it
+    fe = list(session.page_edit(photo, "noise", "a red circle", "flowedit", 13.5, 6, 0.1, 3,
+                                SIZE, [], key="fe-s", schedule="descending", average_tail=0.5))
+    assert fe[-1]["message"].startswith("Edit done"), fe[-1]["message"]
+    assert history_rows(fe[-1]["history"])[0][HISTORY_COLUMNS.index("schedule")] == "its own"
 
 
 def test_flowedit_from_the_page(session, photo):
@@ -425,6 +463,8 @@ BAD_VALUES = [
     ("steps", 2.5, "Steps"), ("seed", 2**80, "Seed"), ("seed", "abc", "Seed"),
     ("seed", float("inf"), "Seed"), ("size", float("nan"), "Size"), ("size", "abc", "Size"),
     ("size", 100_000, "Size"), ("guidance", 1e308, "Guidance"), ("lr", 1e30, "Learning rate"),
+    ("average_tail", 1.5, "Tail average"), ("average_tail", "abc", "Tail average"),
+    ("schedule", "fast", "Schedule"), ("step_rule", "slow", "Step size"),
     ("lr", 0.0, "Learning rate"), ("guidance", "x", "Guidance"),
 ]
 

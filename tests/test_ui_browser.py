@@ -441,3 +441,36 @@ def test_translation_tab_runs_the_network(page, translator, tmp_path):
                            " return i && i.complete && i.naturalWidth > 0; }")
     page.screenshot(path=str(ARTIFACTS / "ui-browser-translate.png"), full_page=True)
     page.get_by_role("tab", name="Edit").click()
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    """Choose `option` in a dropdown, as a user does (open it, click the option)."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"#{elem_id} li[role=option][aria-label='{option}']").click()
+    page.wait_for_function("([id, v]) => document.querySelector('#' + id + ' input').value === v",
+                           arg=[elem_id, option])
+
+
+def test_schedule_settings_follow_the_schedule_and_the_method(server, browser):
+    """The page starts at the model's recommended schedule; picking the reference schedule
+    brings the reference recipe's steps and result; FlowEdit makes the schedule settings
+    inactive (it has its own)."""
+    ctx, pg = _open(browser, server[0])
+    try:
+        pg.get_by_text("Advanced").click()
+        assert _value(pg, "dds-schedule") == "stratified"
+        assert _value(pg, "dds-step-rule") == "budget"
+        assert float(_value(pg, "dds-average-tail")) == 0.2
+        _pick(pg, "dds-schedule", "reference")
+        pg.wait_for_function("() => document.querySelector('#dds-steps input').value === '200'")
+        assert _value(pg, "dds-step-rule") == "constant"
+        assert float(_value(pg, "dds-average-tail")) == 0.0
+        pg.locator("#dds-advanced").get_by_label("flowedit").check()
+        pg.wait_for_function("() => document.querySelector('#dds-schedule input').disabled")
+        assert pg.locator("#dds-average-tail input[type=range]").is_disabled()
+        pg.locator("#dds-advanced").get_by_label("dds").check()
+        pg.wait_for_function("() => !document.querySelector('#dds-schedule input').disabled")
+        assert _value(pg, "dds-schedule") == "stratified"
+        pg.screenshot(path=str(ARTIFACTS / "ui-schedule.png"), full_page=True)
+    finally:
+        ctx.close()

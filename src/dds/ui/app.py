@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from dds.errors import DDSError
 from dds.loop import LIMITS
-from dds.methods import METHODS
+from dds.methods import METHODS, STEP_RULES, TIMESTEP_SCHEDULES, get_method
 from dds.ui.examples import Example, bundled_examples, photo_examples, world_examples
 from dds.ui.messages import (
     LABELS,
@@ -30,6 +30,7 @@ from dds.ui.messages import (
 )
 from dds.ui.session import (
     HISTORY_COLUMNS,
+    SCHEDULE_SETTINGS,
     EditSession,
     EditUpdate,
     _BadUpload,
@@ -245,6 +246,30 @@ def _settings(session: EditSession, ui: SimpleNamespace) -> None:
     ui.size = raw_number(gr.Slider(8, session.max_size, value=d["size"], step=8,
                                    label=LABELS["size"], elem_id="dds-size",
                                    info="long side of the working image, in pixels"))
+    _schedule_settings(d, ui)
+
+
+def _schedule_settings(d: dict, ui: SimpleNamespace) -> None:
+    """How DDS/SDS draw their noise levels and step (`EditConfig.schedule`, `step_rule`,
+    `average_tail`); FlowEdit has its own schedule, so they are inactive for it."""
+    import gradio as gr
+
+    active = get_method(d["method"]).gradient
+    with gr.Row():
+        ui.schedule = gr.Dropdown(list(TIMESTEP_SCHEDULES), value=d["schedule"],
+                                  label=LABELS["schedule"], elem_id="dds-schedule",
+                                  interactive=active, info="reference: t uniform every step "
+                                  "(the paper); stratified, descending: one stratum per step")
+        ui.step_rule = gr.Dropdown(list(STEP_RULES), value=d["step_rule"],
+                                   label=LABELS["step_rule"], elem_id="dds-step-rule",
+                                   interactive=active, info="budget: lr x 200 / steps, as far "
+                                   "as the reference's 200 steps go")
+    ui.average_tail = raw_number(gr.Slider(*LIMITS["average_tail"], value=d["average_tail"],
+                                           step=0.05, label=LABELS["average_tail"],
+                                           elem_id="dds-average-tail", interactive=active,
+                                           info="the result is the mean of the latents after "
+                                           "this fraction of the steps from the end (0: the "
+                                           "last latent)"))
 
 
 def _translation_tab(session: EditSession, trans: Translator) -> None:
@@ -298,9 +323,11 @@ def _wire_edit(session: EditSession, ui: SimpleNamespace) -> None:
     outputs = {"preview": ui.preview, "progress": ui.progress, "result": ui.result,
                "message": ui.message}
 
-    def on_edit(img, src, tgt, meth, g, n, rate, sd, sz, hist, request: gr.Request):
+    def on_edit(img, src, tgt, meth, g, n, rate, sd, sz, sch, rule, tail, hist,
+                request: gr.Request):
         key = _page_key(request)
-        for out in session.page_edit(img, src, tgt, meth, g, n, rate, sd, sz, hist, key=key):
+        for out in session.page_edit(img, src, tgt, meth, g, n, rate, sd, sz, hist, key=key,
+                                     schedule=sch, step_rule=rule, average_tail=tail):
             upd = {outputs[k]: v for k, v in out.items() if k in outputs}
             if "download" in out:
                 ready = out["download"] is not None
@@ -318,7 +345,7 @@ def _wire_edit(session: EditSession, ui: SimpleNamespace) -> None:
     _hint(on_edit, request=gr.Request)
     ui.run_btn.click(
         on_edit, [ui.image, ui.source, ui.target, ui.method, ui.guidance, ui.steps, ui.lr,
-                  ui.seed, ui.size, ui.history],
+                  ui.seed, ui.size, ui.schedule, ui.step_rule, ui.average_tail, ui.history],
         [ui.preview, ui.progress, ui.result, ui.download, ui.message, ui.use_btn, ui.history,
          ui.table, ui.thumbs, ui.chosen, ui.run_btn],
         api_name="edit", show_progress="hidden", concurrency_limit=None,
@@ -349,16 +376,31 @@ def _wire_cancel(session: EditSession, ui: SimpleNamespace) -> None:
 
 
 def _wire_method(session: EditSession, ui: SimpleNamespace) -> None:
-    """Choosing a method (by hand: not restoring a history row) sets the numbers to that
-    method's defaults on this model."""
+    """Choosing a method (by hand: not restoring a history row) sets the settings to that
+    method's defaults on this model; choosing a schedule sets the steps, step size and tail
+    to that schedule's (the model's recommended set for its own schedule, the reference
+    recipe's for another)."""
     import gradio as gr
 
-    def on_method(method):
-        d = session.method_defaults(method)
-        return gr.Slider(value=d["guidance"]), gr.Slider(value=d["steps"]), gr.Number(value=d["lr"])
+    fast = dict(show_progress="hidden", concurrency_limit=None, concurrency_id="ui",
+                api_name=False)
 
-    ui.method.input(on_method, [ui.method], [ui.guidance, ui.steps, ui.lr],
-                    show_progress="hidden", concurrency_limit=None, concurrency_id="ui")
+    def on_method(method):
+        d, active = session.method_defaults(method), get_method(method).gradient
+        return (gr.Slider(value=d["guidance"]), gr.Slider(value=d["steps"]),
+                gr.Number(value=d["lr"]), gr.Dropdown(value=d["schedule"], interactive=active),
+                gr.Dropdown(value=d["step_rule"], interactive=active),
+                gr.Slider(value=d["average_tail"], interactive=active))
+
+    def on_schedule(method, schedule):
+        d = session.method_defaults(method, schedule)
+        return (gr.Slider(value=d["steps"]), gr.Number(value=d["lr"]),
+                gr.Dropdown(value=d["step_rule"]), gr.Slider(value=d["average_tail"]))
+
+    ui.method.input(on_method, [ui.method], [ui.guidance, ui.steps, ui.lr, ui.schedule,
+                                             ui.step_rule, ui.average_tail], **fast)
+    ui.schedule.input(on_schedule, [ui.method, ui.schedule],
+                      [ui.steps, ui.lr, ui.step_rule, ui.average_tail], **fast)
 
 
 def _wire_choices(ui: SimpleNamespace, examples: list[Example]) -> None:
@@ -407,15 +449,19 @@ def _wire_history(ui: SimpleNamespace) -> None:
     fast = dict(show_progress="hidden", concurrency_limit=None, concurrency_id="ui",
                 api_name=False)
     restored = [ui.image, ui.source, ui.target, ui.method, ui.guidance, ui.steps, ui.lr,
-                ui.seed, ui.size, ui.download, ui.use_btn, ui.suggestions, ui.chosen,
-                ui.message]
+                ui.seed, ui.size, ui.schedule, ui.step_rule, ui.average_tail, ui.download,
+                ui.use_btn, ui.suggestions, ui.chosen, ui.message]
 
     def restore(hist, i):
         if not hist or i is None or not 0 <= i < len(hist):
             return [gr.skip()] * len(restored)
         h = hist[i]
+        active = get_method(h["method"]).gradient
+        sched = [h[k] for k in SCHEDULE_SETTINGS]
         return (h["input"], h["source"], h["target"], h["method"], h["guidance"], h["steps"],
-                h["lr"], h["seed"], h["size"],
+                h["lr"], h["seed"], h["size"], gr.Dropdown(value=sched[0], interactive=active),
+                gr.Dropdown(value=sched[1], interactive=active),
+                gr.Slider(value=sched[2], interactive=active),
                 gr.DownloadButton(value=h["result"], interactive=True),
                 gr.Button(interactive=True), gr.Radio(choices=[], value=None, visible=False),
                 h, f"Restored edit #{h['n']}: its input image, prompts and settings. "

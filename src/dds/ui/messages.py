@@ -14,7 +14,8 @@ from dds.errors import SettingError
 
 # EditConfig / request field -> the label of its page control
 LABELS = {"method": "Method", "steps": "Steps", "guidance": "Guidance", "lr": "Learning rate",
-          "seed": "Seed", "size": "Size", "source": "Source prompt", "target": "Target prompt"}
+          "seed": "Seed", "size": "Size", "source": "Source prompt", "target": "Target prompt",
+          "schedule": "Schedule", "step_rule": "Step size", "average_tail": "Tail average"}
 _BOXES = {"source": "the Source prompt box", "target": "the Target prompt box"}
 # library wording -> page wording (applied in order)
 _PHRASES = [

@@ -30,7 +30,7 @@ from PIL import Image
 from dds.errors import DDSError, SettingError
 from dds.images import save_png
 from dds.loop import LIMITS, check_range
-from dds.methods import get_method
+from dds.methods import METHODS, get_method
 from dds.models.registry import knows_world
 from dds.pipeline import (
     EditPipeline,
@@ -53,8 +53,12 @@ from dds.ui.messages import (
 from dds.ui.slots import EditQueue, Ticket
 
 HISTORY_LIMIT = 50  # edits remembered per page
-HISTORY_COLUMNS = ["#", "method", "source", "target", "steps", "guidance", "lr", "seed", "size",
-                   "outcome"]
+HISTORY_COLUMNS = ["#", "method", "source", "target", "steps", "guidance", "lr", "schedule",
+                   "seed", "size", "outcome"]
+# The page's settings that a method (and, for DDS/SDS, the timestep schedule) gives defaults to
+PAGE_SETTINGS = ("steps", "guidance", "lr", "schedule", "step_rule", "average_tail")
+# Of those, the ones only score distillation has (FlowEdit follows its own descending schedule)
+SCHEDULE_SETTINGS = ("schedule", "step_rule", "average_tail")
 
 
 @dataclass
@@ -118,8 +122,8 @@ class EditSession:
     """The model and the edits running on it, shared by every page of one server.
 
     `model`: a loaded model, a local model folder, or None for the built-in model.
-    `defaults`: overrides of the page's initial settings (method, steps, guidance, lr, seed,
-    size), on top of the model's recommended ones.  `preview_every`: decode a preview every
+    `defaults`: overrides of the page's initial settings (method, steps, guidance, lr, schedule,
+    step_rule, average_tail, seed, size), on top of the model's recommended ones.  `preview_every`: decode a preview every
     N steps (default: about 20 previews per edit).  `max_size`: the largest working long
     side a page may ask for (default and cap: `dds.pipeline.max_size(model)`).
     `concurrency`: edits that run at once; the others wait in the queue.
@@ -138,8 +142,8 @@ class EditSession:
         self.max_size = min(int(max_size or cap), cap)
         self.preview_every = preview_every
         cfg = self.pipeline.config()
-        base = {"method": cfg.method, "steps": cfg.steps, "guidance": cfg.guidance,
-                "lr": cfg.lr, "seed": cfg.seed, "size": native}
+        base = {"method": cfg.method, "seed": cfg.seed, "size": native,
+                **{k: getattr(cfg, k) for k in PAGE_SETTINGS}}
         base.update({k: v for k, v in (defaults or {}).items() if v is not None})
         self.defaults = base
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="dds-ui-"))
@@ -148,11 +152,15 @@ class EditSession:
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
 
-    def method_defaults(self, method: str) -> dict:
-        """The page's numbers for `method` on this model (FlowEdit runs fewer steps, with
-        more guidance, than DDS)."""
+    def method_defaults(self, method: str, schedule: str | None = None) -> dict:
+        """The page's settings for `method` on this model (FlowEdit runs fewer steps, with
+        more guidance, than DDS), and for DDS/SDS under `schedule`: the model's recommended
+        set when it is the model's schedule (or None), else that schedule with the reference
+        recipe's steps, step size and result (`--schedule reference` on the command line)."""
         cfg = self.pipeline.config(method=method)
-        return {"steps": cfg.steps, "guidance": cfg.guidance, "lr": cfg.lr}
+        if schedule is not None and schedule != cfg.schedule:
+            cfg = self.pipeline.config(method=method, schedule=schedule)
+        return {k: getattr(cfg, k) for k in PAGE_SETTINGS}
 
     def set_concurrency(self, n: int) -> None:
         self.queue.slots = int(n)
@@ -164,11 +172,25 @@ class EditSession:
         API, as text); SettingError naming the field for a bad one."""
         s = {k: v for k, v in page.items() if v is not None}
         for name, integer in (("steps", True), ("seed", True), ("guidance", False),
-                              ("lr", False)):
+                              ("lr", False), ("average_tail", False)):
             if name in s:
                 s[name] = page_number(name, s[name], integer)
-        if "method" in s:
-            s["method"] = str(s["method"]).lower()
+        for name in ("method", "schedule", "step_rule"):
+            if name in s:
+                s[name] = str(s[name]).strip().lower()
+        return s
+
+    def _schedule_settings(self, s: dict) -> dict:
+        """`s` without the settings its method does not have (FlowEdit: the schedule, step
+        size and tail), and without a schedule that is the model's own (so that the model's
+        recommended optimiser and noise draws stay with it)."""
+        if s.get("method") not in METHODS:
+            return s  # the config refuses it, naming the field
+        method = get_method(s["method"])
+        if not method.gradient:
+            return {k: v for k, v in s.items() if k not in SCHEDULE_SETTINGS}
+        if s.get("schedule") == self.pipeline.config(method=method.name).schedule:
+            return {k: v for k, v in s.items() if k != "schedule"}
         return s
 
     def check_size(self, size) -> int:
@@ -198,14 +220,18 @@ class EditSession:
             raise DDSError(msg) from None
 
     def prepare(self, image, source: str | None, target: str, *, method=None, steps=None,
-                guidance=None, lr=None, seed=None, size=None) -> PreparedEdit:
+                guidance=None, lr=None, seed=None, size=None, schedule=None, step_rule=None,
+                average_tail=None) -> PreparedEdit:
         """Check a page's request (DDSError, one sentence); no model work.  Every setting left
-        None takes the session default."""
+        None takes the session default; FlowEdit ignores the schedule settings."""
         d = self.defaults
         pick = lambda v, name: d[name] if v is None else v  # noqa: E731
         settings = self.settings(method=pick(method, "method"), steps=pick(steps, "steps"),
                                  guidance=pick(guidance, "guidance"), lr=pick(lr, "lr"),
-                                 seed=pick(seed, "seed"))
+                                 seed=pick(seed, "seed"), schedule=pick(schedule, "schedule"),
+                                 step_rule=pick(step_rule, "step_rule"),
+                                 average_tail=pick(average_tail, "average_tail"))
+        settings = self._schedule_settings(settings)
         size = self.check_size(pick(size, "size"))
         request = EditRequest(self.load_input(image), source, target, settings, size=size)
         return self.pipeline.prepare(request)
@@ -348,7 +374,8 @@ class EditSession:
         return path
 
     def page_edit(self, image, source, target, method, guidance, steps, lr, seed, size,
-                  history: list[dict] | None, key: str = "default") -> Iterator[dict[str, Any]]:
+                  history: list[dict] | None, key: str = "default", *, schedule=None,
+                  step_rule=None, average_tail=None) -> Iterator[dict[str, Any]]:
         """The page's edit handler: yields dicts with some of the keys `preview`, `progress`
         (HTML), `result` ((before, after)), `download` (PNG path, None while there is no
         result), `history`, `message` (Markdown), `running` (bool: queued or running), and
@@ -356,7 +383,9 @@ class EditSession:
         history = list(history or [])
         try:
             prepared = self.prepare(image, source, target, method=method, steps=steps,
-                                    guidance=guidance, lr=lr, seed=seed, size=size)
+                                    guidance=guidance, lr=lr, seed=seed, size=size,
+                                    schedule=schedule, step_rule=step_rule,
+                                    average_tail=average_tail)
             updates = self.start(prepared, key=key)
         except DDSError as e:
             s = page_sentence(e)
@@ -407,6 +436,7 @@ class EditSession:
         rec = {"n": (history[-1]["n"] + 1) if history else 1, "source": prepared.source,
                "target": prepared.target, "method": cfg.method, "steps": cfg.steps,
                "guidance": cfg.guidance, "lr": cfg.lr, "seed": cfg.seed,
+               **{k: getattr(cfg, k) for k in SCHEDULE_SETTINGS},
                "size": prepared.request.size, "steps_run": u.step, "outcome": outcome,
                "input": str(self.save_input(prepared.request.image)), "result": str(path)}
         return {"progress": progress_html(u.step, u.total, state, u.elapsed),
@@ -417,7 +447,19 @@ class EditSession:
 
 def history_rows(history: list[dict]) -> list[list]:
     return [[h.get("n", i + 1), h["method"], h["source"], h["target"], h["steps"], h["guidance"],
-             h["lr"], h["seed"], h["size"], h["outcome"]] for i, h in enumerate(history)]
+             h["lr"], schedule_text(h), h["seed"], h["size"], h["outcome"]]
+            for i, h in enumerate(history)]
+
+
+def schedule_text(h: dict) -> str:
+    """A history row's schedule in a few words ("stratified, budget, tail 0.2"); FlowEdit's is
+    its own."""
+    if not get_method(h["method"]).gradient:
+        return "its own"
+    if "schedule" not in h:
+        return ""
+    tail = f", tail {h['average_tail']:g}" if h.get("average_tail") else ""
+    return f"{h['schedule']}, {h['step_rule']}{tail}"
 
 
 def history_gallery(history: list[dict]) -> list[tuple[str, str]]:
