@@ -243,11 +243,12 @@ def test_world_jobs_export_with_their_truth_and_are_scored(tiny_sd, tmp_path, ca
     meta = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
     assert [m["file_name"] for m in meta] == [f"images/{i:06d}.png" for i in range(3)]
     assert all((folder / m["truth"]).is_file() and m["edit"]["kind"] for m in meta)
-    out = tmp_path / "res"
-    code, err = run(capsys, "edit", folder, "--model", tiny_sd, "--out", out, "--batch-size", "1",
+    out = tmp_path / "res"  # one batch of three: each edit's round trip is its own input's
+    code, err = run(capsys, "edit", folder, "--model", tiny_sd, "--out", out, "--batch-size", "3",
                     *FAST)
     assert code == 0, err
     recs = records(out)
+    assert all(r["runtime"]["batch"] == 3 and r["runtime"]["engine"] == "fast" for r in recs.values())
     assert all(set(r["metrics"]) == {"success_pos", "success", "psnr_gt", "psnr_gain",
                                      "psnr_out", "ssim_out"} for r in recs.values())
     assert "truth known for 3 edits; mean success (placed)" in err

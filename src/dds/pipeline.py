@@ -159,6 +159,7 @@ class EditResult:
     stopped: bool
     seconds: float
     metadata: dict  # what `save` writes into the PNG's `dds` text chunk
+    source_latents: torch.Tensor | None = None  # (1,C,h,w): the input's, encoded (z_hat)
 
     def save(self, path: str | Path) -> Path:
         """Write the result as a PNG (atomically) with the metadata in a `dds` text chunk."""
@@ -247,7 +248,8 @@ class EditPipeline:
         return EditResult(image=image, input=p.input, latents=z, config=p.config,
                           steps_run=steps[0],
                           stopped=steps[0] < get_method(p.config.method).num_steps(p.config),
-                          seconds=time.monotonic() - t0, metadata=self.metadata(p, steps[0]))
+                          seconds=time.monotonic() - t0, metadata=self.metadata(p, steps[0]),
+                          source_latents=z_hat)
 
 
 _PIPELINES: dict[int, EditPipeline] = {}

@@ -275,7 +275,7 @@ class ShardRunner:
                 try:
                     metrics = self.scorer.score(job, result.image, image)
                     if "error" not in metrics:
-                        floors = self.scorer.floors(job, image, self.round_trip(p.input))
+                        floors = self.scorer.floors(job, image, self.round_trip(result))
                 except (DDSError, FileNotFoundError) as e:
                     metrics = {"error": str(e)}
             self._write(job_record(
@@ -284,12 +284,16 @@ class ShardRunner:
                 size=list(p.input.size), notes=list(p.notes) or None, metrics=metrics,
                 floors=floors, runtime=self.runtime(len(group))))
 
-    def round_trip(self, image):
-        """The autoencoder round trip of an input at its working size (a floor)."""
+    def round_trip(self, result):
+        """The autoencoder round trip of an edit's input at its working size (a floor): its
+        latents as the edit encoded them, decoded."""
         from dds.images import pil_to_tensor
 
         with torch.no_grad():
-            return self.pipe.decode(self.pipe.model.encode(pil_to_tensor(image)))
+            z_hat = result.source_latents
+            if z_hat is None:
+                z_hat = self.pipe.model.encode(pil_to_tensor(result.input))
+            return self.pipe.decode(z_hat)
 
     def edit(self, group: list) -> list:
         """The edits of one group: `EditResult`s in order."""
@@ -316,7 +320,8 @@ class ShardRunner:
             meta = {**self.pipe.metadata(p, steps), "batch": len(group)}
             out.append(EditResult(image=self.pipe.decode(z[i:i + 1]), input=p.input,
                                   latents=z[i:i + 1], config=p.config, steps_run=steps,
-                                  stopped=False, seconds=time.monotonic() - t0, metadata=meta))
+                                  stopped=False, seconds=time.monotonic() - t0, metadata=meta,
+                                  source_latents=z_hat[i:i + 1]))
         return out
 
     def preview_hook(self, job: Job):
