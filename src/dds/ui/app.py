@@ -30,7 +30,6 @@ from dds.ui.messages import (
 )
 from dds.ui.session import (
     HISTORY_COLUMNS,
-    SCHEDULE_SETTINGS,
     EditSession,
     EditUpdate,
     _BadUpload,
@@ -246,10 +245,10 @@ def _settings(session: EditSession, ui: SimpleNamespace) -> None:
     ui.size = raw_number(gr.Slider(8, session.max_size, value=d["size"], step=8,
                                    label=LABELS["size"], elem_id="dds-size",
                                    info="long side of the working image, in pixels"))
-    _schedule_settings(d, ui)
+    _schedule_controls(d, ui)
 
 
-def _schedule_settings(d: dict, ui: SimpleNamespace) -> None:
+def _schedule_controls(d: dict, ui: SimpleNamespace) -> None:
     """How DDS/SDS draw their noise levels and step (`EditConfig.schedule`, `step_rule`,
     `average_tail`); FlowEdit has its own schedule, so they are inactive for it."""
     import gradio as gr
@@ -457,11 +456,11 @@ def _wire_history(ui: SimpleNamespace) -> None:
             return [gr.skip()] * len(restored)
         h = hist[i]
         active = get_method(h["method"]).gradient
-        sched = [h[k] for k in SCHEDULE_SETTINGS]
         return (h["input"], h["source"], h["target"], h["method"], h["guidance"], h["steps"],
-                h["lr"], h["seed"], h["size"], gr.Dropdown(value=sched[0], interactive=active),
-                gr.Dropdown(value=sched[1], interactive=active),
-                gr.Slider(value=sched[2], interactive=active),
+                h["lr"], h["seed"], h["size"],
+                gr.Dropdown(value=h["schedule"], interactive=active),
+                gr.Dropdown(value=h["step_rule"], interactive=active),
+                gr.Slider(value=h["average_tail"], interactive=active),
                 gr.DownloadButton(value=h["result"], interactive=True),
                 gr.Button(interactive=True), gr.Radio(choices=[], value=None, visible=False),
                 h, f"Restored edit #{h['n']}: its input image, prompts and settings. "
