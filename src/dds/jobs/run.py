@@ -286,14 +286,9 @@ class ShardRunner:
 
     def round_trip(self, result):
         """The autoencoder round trip of an edit's input at its working size (a floor): its
-        latents as the edit encoded them, decoded."""
-        from dds.images import pil_to_tensor
-
+        latents as the edit encoded them (both of `edit`'s paths keep them), decoded."""
         with torch.no_grad():
-            z_hat = result.source_latents
-            if z_hat is None:
-                z_hat = self.pipe.model.encode(pil_to_tensor(result.input))
-            return self.pipe.decode(z_hat)
+            return self.pipe.decode(result.source_latents)
 
     def edit(self, group: list) -> list:
         """The edits of one group: `EditResult`s in order."""
