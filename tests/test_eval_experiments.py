@@ -501,6 +501,43 @@ def test_builtin_defaults_write_needs_a_named_folder(tmp_path):
         args.func(args)  # refused before any model is loaded
 
 
+def test_set_overrides_a_preset_in_its_own_types():
+    from dds.eval.cli import preset_overrides
+
+    got = preset_overrides(["schedules"], ["budgets=12,16", "schedules=stratified",
+                                           "step-rules=budget", "optimizers=", "tails=0.2",
+                                           "n_edits=50"])
+    assert got == {"schedules": {"budgets": [12, 16], "schedules": ["stratified"],
+                                 "step_rules": ["budget"], "optimizers": {}, "tails": [0.2],
+                                 "n_edits": 50}}
+    assert type(got["schedules"]["budgets"][0]) is int
+    got = preset_overrides(["schedules", "guidance-sweep"], ["optimizers=adam:0.005,momentum:1",
+                                                             "guidances=1,7.5"])
+    assert got == {"schedules": {"optimizers": {"adam": 0.005, "momentum": 1.0}},
+                   "guidance-sweep": {"guidances": [1.0, 7.5]}}
+    # with `all`, a key goes to every experiment that has it
+    got = preset_overrides(list(EXPERIMENTS), ["n_edits=3"])
+    assert {n for n, o in got.items() if o} == {n for n, e in EXPERIMENTS.items()
+                                                 if "n_edits" in e.full}
+    for bad, why in [("budget=16", "names no setting of schedules"),
+                     ("budgets", "names no setting"), ("budgets=16,x", "is invalid"),
+                     ("n_edits=-3", "not negative"), ("optimizers=adam", "NAME:VALUE")]:
+        with pytest.raises(DDSError, match=why):
+            preset_overrides(["schedules"], [bad])
+
+
+def test_a_setting_that_cannot_run_is_refused_before_any_unit(tiny_backend, tmp_path):
+    out = tmp_path / "sched"
+    with pytest.raises(DDSError, match="cosine-constant-n1-s2 cannot run: schedule 'cosine'"):
+        run_experiment("schedules", _ctx(tiny_backend, out), n_edits=1, batch=8,
+                       reference_steps=4, budgets=[2], schedules=["reference", "cosine"],
+                       step_rules=["constant"], n_avg=[1])
+    assert not list(out.glob("parts/*-b-*.json"))
+    args = _eval_parser().parse_args(["eval", "builtin-quality", "--set", "n_edits=3"])
+    with pytest.raises(DDSError, match="--set changes a Section 5"):
+        args.func(args)
+
+
 def test_section5_experiments_edit_on_the_papers_schedule(tmp_path):
     """A model's recommended schedule is the users' default, not the paper's experiments':
     their editing settings stay the reference recipe's steps and uniform t."""

@@ -133,13 +133,61 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
     return vals
 
 
+def _typed(text: str, like, what: str):
+    """`text` read as a value of the preset's own type (that of `like`)."""
+    if isinstance(like, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{what} is true or false")
+        return text.lower() == "true"
+    if isinstance(like, (int, float)):
+        value = float(text) if isinstance(like, float) or "." in text else int(text)
+        if value < 0:
+            raise ValueError(f"{what} is not negative")
+        return value
+    if isinstance(like, dict):  # e.g. optimizers: NAME:LR,...; empty for none
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"{what} is a comma list of NAME:VALUE")
+        return {k.strip(): _typed(v.strip(), 0.0, what) for k, v in pairs}
+    if isinstance(like, list):
+        kind = next((v for v in like if isinstance(v, float)), like[0] if like else "")
+        return [_typed(item.strip(), kind, what) for item in text.split(",") if item.strip()]
+    return text
+
+
+def preset_overrides(names: list[str], pairs: list[str]) -> dict[str, dict]:
+    """`--set KEY=VALUE` for each experiment in `names`: the preset settings it overrides, each
+    read as the preset's own type (numbers, comma lists, NAME:VALUE lists). A key that none of
+    `names` has, or a value of the wrong type, is one clear error before anything runs."""
+    out: dict[str, dict] = {n: {} for n in names}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        owners = [n for n in names if key in EXPERIMENTS[n].full]
+        if not sep or not owners:
+            keys = sorted({k for n in names for k in EXPERIMENTS[n].full})
+            raise DDSError(f"--set '{pair}' names no setting of {', '.join(names)}: give "
+                           f"KEY=VALUE with KEY one of {', '.join(keys)}")
+        for n in owners:
+            try:
+                out[n][key] = _typed(text.strip(), EXPERIMENTS[n].full[key], key)
+            except ValueError as e:
+                raise DDSError(f"--set '{pair}' is invalid ({e}); e.g. --set budgets=16,25 "
+                               f"or --set optimizers=adam:0.01") from None
+    return out
+
+
 def cmd_eval(args) -> int:
     from dds.models import get_model, knows_world
 
     if args.experiment in MODEL_MEASURES:
+        if args.set:
+            raise DDSError(f"--set changes a Section 5 experiment's preset; {args.experiment} "
+                           "takes --edits-per-kind, --lrs and --guidances instead")
         return cmd_model_measure(args)
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    overrides = preset_overrides(names, args.set or [])
     target = _defaults_target(args)
     model = get_model(args.model)
     if args.data is None and args.model is not None and not knows_world(model):
@@ -154,7 +202,7 @@ def cmd_eval(args) -> int:
         ctx = Context(model=model, out=out / name if len(names) > 1 or args.out is None else out,
                       seed=args.seed, quiet=args.quiet, quick=args.quick, data=args.data,
                       size=args.size, clip=args.clip, lpips=args.lpips_trunk, command=command)
-        summary = run_experiment(name, ctx)
+        summary = run_experiment(name, ctx, **overrides[name])
         print(_summary_line(name, summary))
         print(f"  wrote {ctx.out / 'report.md'}")
         if target is not None and name == "schedules":
@@ -196,5 +244,9 @@ def add_parser(sub) -> None:
     p.add_argument("--size", type=int, help="working image side for --data (default: the model's)")
     p.add_argument("--clip", help="local transformers CLIP folder for the CLIP score (real models)")
     p.add_argument("--lpips-trunk", help="local AlexNet state dict (torchvision layout) for LPIPS")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting of the experiment's preset (repeatable; the "
+                   "report records it), e.g. schedules --set budgets=16,25 --set "
+                   "schedules=stratified --set step_rules=budget --set optimizers=")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dds.errors import DDSError, SettingError
 from dds.eval import plots
 from dds.eval.floors import measure_floors
 from dds.eval.paired import compare
@@ -71,12 +72,16 @@ def settings_of(p: dict) -> tuple[Setting, list[Setting]]:
     return ref, [g for g in grid if g != ref]
 
 
+def _cfg(ctx, s: Setting):
+    return ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps,
+                        optimizer=s.optimizer, lr=s.lr, average_tail=s.average_tail)
+
+
 def _edit(ctx, es, s: Setting, sl: slice, bar) -> dict:
     from dds.loop import edit_latents
 
     n = sl.stop - sl.start
-    cfg = ctx.edit_cfg(schedule=s.schedule, step_rule=s.step_rule, n_avg=s.n_avg, steps=s.steps,
-                       optimizer=s.optimizer, lr=s.lr, average_tail=s.average_tail)
+    cfg = _cfg(ctx, s)
     z = edit_latents(ctx.model, es.z_hat[sl], es.cond_source[sl], es.cond_target[sl], cfg,
                      on_step=lambda info: bar.update(n * s.n_avg),
                      seeds=[ctx.seed + sl.start + i for i in range(n)])
@@ -97,9 +102,15 @@ def matches(by_metric: dict) -> bool:
 
 
 def run_schedules(ctx, p: dict) -> dict:
+    ref, grid = settings_of(p)
+    for s in [ref, *grid]:  # a setting that cannot run is refused before any unit runs
+        try:
+            _cfg(ctx, s)
+        except SettingError as e:
+            raise DDSError(f"the grid's setting {s.key} cannot run: {e.field} {e.value!r} is "
+                           f"invalid ({e.why})") from None
     es = ctx.editset(p["n_edits"])
     n = len(es)
-    ref, grid = settings_of(p)
     # A unit (one setting on one batch of edits) depends on the edits, the batch and the editing
     # config, not on which other settings the grid holds: a grown grid reuses every unit.
     runner = ctx.runner({"experiment": "schedules", "n_edits": p["n_edits"], "batch": p["batch"],
