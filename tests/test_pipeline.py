@@ -127,7 +127,7 @@ def test_a_recommended_schedule_is_the_default_and_naming_one_sets_it_aside():
 
 def test_the_built_in_model_and_sd_families_run_dds_in_fewer_stratified_budget_steps():
     """The schedule `dds eval schedules` chose (docs/evidence.md) is the built-in model's DDS
-    default (25 steps, each the reference's lr x 200 / 25, the mean of the last 5 latents); the
+    default (12 steps, each the reference's lr x 200 / 12, the mean of the last 2 latents); the
     SD 1.x/2.x and SDXL families recommend the 50-step one; SDS and `--schedule reference` keep
     the paper's recipe."""
     from types import SimpleNamespace
@@ -143,14 +143,14 @@ def test_the_built_in_model_and_sd_families_run_dds_in_fewer_stratified_budget_s
     shipped = json.loads((BUILTIN_DIR / "dds_edit_defaults.json").read_text())
     want = {"schedule": "stratified", "steps": 50, "step_rule": "budget", "n_avg": 1,
             "optimizer": "sgd", "average_tail": 0.2}
-    assert shipped["dds"] == {**want, "steps": 25} and FEWER_STEPS == want
+    assert shipped["dds"] == {**want, "steps": 12} and FEWER_STEPS == want
     assert StableDiffusionModel.family_defaults["dds"] == want == SDXLModel.family_defaults["dds"]
     assert "dds" not in SD3Model.family_defaults  # flow models: not measured
     model = SimpleNamespace(edit_defaults={**StableDiffusionModel.family_defaults, **shipped})
     cfg = edit_config(model)
     assert (cfg.schedule, cfg.steps, cfg.step_rule, cfg.lr, cfg.average_tail) == (
-        "stratified", 25, "budget", 0.03, 0.2)
-    assert step_lr(cfg) == pytest.approx(0.03 * 8)
+        "stratified", 12, "budget", 0.03, 0.2)
+    assert step_lr(cfg) == pytest.approx(0.03 * 200 / 12)
     family = edit_config(SimpleNamespace(edit_defaults=StableDiffusionModel.family_defaults))
     assert (family.steps, family.lr, step_lr(family)) == (50, 0.1, pytest.approx(0.4))
     assert edit_config(model, schedule="reference").steps == 200

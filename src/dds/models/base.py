@@ -225,8 +225,8 @@ DenoiserCall = Callable[[torch.nn.Module, Tensor, Tensor, Conditioning], Tensor]
 # `dds.pipeline.SCHEDULE_KEYS`): t in 50 strata visited in a shuffled order, each step the
 # reference lr x 200 / 50, the result the mean of the last fifth of the latents.  On the built-in
 # model's held-out edits it matched the 200-step reference recipe on two edit sets with the
-# widest margin (docs/evidence.md, "Fewer steps"); the built-in model itself runs the 25-step
-# winner, whose steps are twice as long, which these measurements do not cover at SD's lr.
+# widest margin (docs/evidence.md, "Fewer steps"); the built-in model itself runs the 12-step
+# winner, whose steps are four times as long, which these measurements do not cover at SD's lr.
 FEWER_STEPS = {"schedule": "stratified", "steps": 50, "step_rule": "budget", "n_avg": 1,
                "optimizer": "sgd", "average_tail": 0.2}
 
