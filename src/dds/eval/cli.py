@@ -134,11 +134,8 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _typed(text: str, like, what: str):
-    """`text` read as a value of the preset's own type (that of `like`)."""
-    if isinstance(like, bool):
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"{what} is true or false")
-        return text.lower() == "true"
+    """`text` read as a value of the preset's own type (that of `like`; the presets hold
+    numbers, lists of numbers or names, and NAME:VALUE dicts)."""
     if isinstance(like, (int, float)):
         value = float(text) if isinstance(like, float) or "." in text else int(text)
         if value < 0:
