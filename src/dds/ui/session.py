@@ -124,8 +124,9 @@ class EditSession:
     `model`: a loaded model, a local model folder, or None for the built-in model.
     `defaults`: overrides of the page's initial settings (method, steps, guidance, lr, schedule,
     step_rule, average_tail, seed, size), on top of the model's recommended ones.
-    `preview_every`: decode a preview every N steps (default: about 20 previews per edit).  `max_size`: the largest working long
-    side a page may ask for (default and cap: `dds.pipeline.max_size(model)`).
+    `preview_every`: decode a preview every N steps (default: about 20 previews per edit).
+    `max_size`: the largest working long side a page may ask for (default and cap:
+    `dds.pipeline.max_size(model)`).
     `concurrency`: edits that run at once; the others wait in the queue.
     """
 
