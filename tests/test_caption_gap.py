@@ -71,3 +71,34 @@ def test_caption_gap_matches_the_closed_form_of_a_constant_prediction():
             assert r[k]["gap_x1000"] == pytest.approx(per_scene.mean(), abs=1e-3)
             half = 2.570582 * per_scene.std(ddof=1) / np.sqrt(6)  # t(0.975, 5 dof), tables
             assert r[k]["ci95"] == pytest.approx(half, abs=1e-3)
+
+
+def test_word_flow_reads_zero_before_cross_attention_and_the_eps_change_by_hand():
+    from diffusers import UNet2DConditionModel
+
+    from dds.eval.caption_gap import word_flow
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=4, norm_num_groups=4).eval()
+    z_t, t = torch.randn(3, 4, 8, 8), torch.tensor([100, 500, 900])
+    own, other = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    cover = torch.rand(3, 1, 16, 16)
+    flow = word_flow(unet, z_t, t, {"own": own, "same": own.clone(), "other": other}, cover)
+    assert list(flow) == ["down0", "down1", "mid", "up0", "up1", "eps"]
+    assert all(v["same"] == 0.0 for v in flow.values())
+    assert flow["down0"]["other"] == 0.0  # no cross-attention before it
+    assert all(flow[k]["other"] > 0 for k in ("down1", "mid", "up0", "up1", "eps"))
+    # The noise prediction's entry from two plain calls and the coverage pooled by hand.
+    with torch.no_grad():
+        a = unet(z_t, t, encoder_hidden_states=own).sample
+        b = unet(z_t, t, encoder_hidden_states=other).sample
+    w = cover.reshape(3, 1, 8, 2, 8, 2).mean(dim=(3, 5))
+    w = w / w.sum(dim=(1, 2, 3), keepdim=True)
+    expect = (((b - a).norm(dim=1, keepdim=True) * w).sum(dim=(1, 2, 3))
+              / ((a.norm(dim=1, keepdim=True) * w).sum(dim=(1, 2, 3)))).mean()
+    assert flow["eps"]["other"] == pytest.approx(float(expect), rel=1e-5)
+    assert not unet._forward_hooks and not unet.down_blocks[0]._forward_hooks

@@ -108,3 +108,52 @@ def caption_gaps(model, scenes, captions: dict[str, list[str]], timesteps, seed:
                 row[key] = {"gap_x1000": m, "ci95": h}
             rows.append(row)
     return rows
+
+
+def unet_blocks(unet) -> dict[str, torch.nn.Module]:
+    """The blocks of a diffusers ``UNet2DConditionModel`` in the order a call runs them."""
+    blocks = {f"down{i}": b for i, b in enumerate(unet.down_blocks)}
+    blocks["mid"] = unet.mid_block
+    return {**blocks, **{f"up{i}": b for i, b in enumerate(unet.up_blocks)}}
+
+
+@torch.no_grad()
+def word_flow(unet, z_t: Tensor, t: Tensor, states: dict[str, Tensor],
+              cover: Tensor) -> dict[str, dict[str, float]]:
+    """How far a changed caption travels through a diffusers ``UNet2DConditionModel``.
+
+    ``states``: the text encoder's token states of the scenes' own captions ("own") and of each
+    changed caption; ``cover`` (B,1,H,W): the objects' coverage at any resolution. Per block
+    (`unet_blocks`) and for the noise prediction ("eps"): the change of the block's output when
+    the own states are replaced by another caption's, as a share of the own output, both as
+    channel norms weighted by the coverage pooled to the block's grid, averaged over scenes.
+    A block that runs before the first cross-attention reads exactly 0; a word the network
+    carries but does not draw fades between the coarse blocks and "eps".
+    """
+    blocks = unet_blocks(unet)
+    seen: dict[str, Tensor] = {}
+    hooks = [b.register_forward_hook(
+        lambda mod, args, out, k=k: seen.__setitem__(k, out[0] if isinstance(out, tuple) else out))
+        for k, b in blocks.items()]
+    outs = {}
+    try:
+        for key, s in states.items():
+            seen.clear()
+            eps = unet(z_t, t, encoder_hidden_states=s).sample
+            outs[key] = {**seen, "eps": eps}
+    finally:
+        for h in hooks:
+            h.remove()
+    flow: dict[str, dict[str, float]] = {}
+    for name, own in outs["own"].items():
+        w = F.adaptive_avg_pool2d(cover.to(own), own.shape[-1])
+        w = w / w.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+        base = _weighted_norm(own, w).clamp_min(1e-12)
+        flow[name] = {k: float((_weighted_norm(o[name] - own, w) / base).mean())
+                      for k, o in outs.items() if k != "own"}
+    return flow
+
+
+def _weighted_norm(x: Tensor, w: Tensor) -> Tensor:
+    """Per scene: the channel norm of x (B,C,H,W) averaged over cells with weights w (B,1,H,W)."""
+    return (x.float().norm(dim=1, keepdim=True) * w).sum(dim=(1, 2, 3))
