@@ -571,3 +571,20 @@ def test_plots_leave_the_process_matplotlib_state_alone(tmp_path):
                          check=True).stdout.split()
     assert out == ["False", "True"]
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_log_axes_label_only_the_measured_settings(tmp_path, monkeypatch):
+    # A log axis labels its minor ticks too (3x10^1, 4x10^1, ...) unless they are switched off;
+    # both plots of settings must label exactly the settings measured.
+    from dds.eval import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    pts = [(25, 1.0), (50, 2.0), (100, 2.5), (200, 2.4), (400, 2.0)]
+    plots.metric_vs_setting(tmp_path / "a.png", {"m": pts, "n": pts}, "steps", "y", "t",
+                            separate=True, vline=200)
+    plots.curves_by_panel(tmp_path / "b.png", {"m: a": pts}, ["m"], xlabel="calls")
+    for fig in figs:
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["25", "50", "100", "200", "400"]
+            assert not [t for t in ax.get_xticklabels(minor=True) if t.get_text()]

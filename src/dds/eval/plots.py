@@ -86,6 +86,7 @@ def metric_vs_setting(path, curves: dict[str, list[tuple]], xlabel: str, ylabel:
         ax.set_xscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=7)
+        ax.minorticks_off()
         if vline is not None:
             ax.axvline(vline, color="gray", ls="--", lw=1)
         ax.set(xlabel=xlabel, ylabel=name if separate else ylabel)
