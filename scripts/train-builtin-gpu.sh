@@ -19,12 +19,17 @@
 # PY (default python3) picks the interpreter. The model lands in RUN_DIR/model.
 set -euo pipefail
 
-SEED=${1:?usage: scripts/train-builtin-gpu.sh SEED_RUN RUN_DIR SECONDS [BATCH] [WORKERS]}
-RUN=${2:?usage: scripts/train-builtin-gpu.sh SEED_RUN RUN_DIR SECONDS [BATCH] [WORKERS]}
-BUDGET=${3:?usage: scripts/train-builtin-gpu.sh SEED_RUN RUN_DIR SECONDS [BATCH] [WORKERS]}
-BATCH=${4:-256}
-WORKERS=${5:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
-shift $(( $# < 5 ? $# : 5 )); [ "${1:-}" = "--" ] && shift
+# The positionals end at "--" (or after five); what follows goes to the trainer.
+POS=()
+while [ $# -gt 0 ] && [ "$1" != "--" ] && [ ${#POS[@]} -lt 5 ]; do POS+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+USAGE="usage: scripts/train-builtin-gpu.sh SEED_RUN RUN_DIR SECONDS [BATCH] [WORKERS] [-- options]"
+[ ${#POS[@]} -ge 3 ] || { echo "$USAGE" >&2; exit 2; }
+SEED=${POS[0]}
+RUN=${POS[1]}
+BUDGET=${POS[2]}
+BATCH=${POS[3]:-256}
+WORKERS=${POS[4]:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 PY=${PY:-python3}
 [ -f "$SEED/text.pt" ] && [ -f "$SEED/vae.pt" ] || {
     echo "train-builtin-gpu: $SEED holds no finished text.pt and vae.pt" >&2; exit 2; }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -517,3 +518,31 @@ def test_an_exported_release_is_measured_on_the_world(full_run, tiny_sd, tmp_pat
                  "--out", str(tmp_path / "no")]) == 2
     assert "not trained on the built-in world" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_attention_grids_place_cross_attention_by_grid_side():
+    """--attention-grids: the fourth's own layout reads back as (8, 4); adding 16 puts
+    cross-attention in the second level down and the third block up, and the UNet built from it
+    has attention exactly on those grids."""
+    assert C.with_attention_grids(C.UNET4, (8, 4)) == C.UNET4
+    u = C.with_attention_grids(C.UNET4, (16, 8, 4))
+    assert u.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "CrossAttnDownBlock2D")
+    assert u.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                "CrossAttnUpBlock2D", "UpBlock2D")
+    small = replace(u, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    unet = C.build_unet(small, cross_attention_dim=8)
+    sides = []
+    for name, mod in unet.named_modules():
+        if name.endswith("attn2"):
+            mod.register_forward_hook(lambda m, a, o: sides.append(int(o.shape[1] ** 0.5)))
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 32, 32), torch.tensor([10]), torch.zeros(1, 3, 8))
+    assert sorted(set(sides)) == [4, 8, 16]
+    p = T.build_parser()
+    cfg = T.config_from_args(p.parse_args(["--preset", "fourth", "--attention-grids", "16,8,4"]))
+    assert cfg.unet == u and cfg.vae == C.fourth().vae
+    with pytest.raises(DDSError, match="no UNet level runs on a 2x2 grid"):
+        T.config_from_args(p.parse_args(["--preset", "fourth", "--attention-grids", "8,2"]))
+    with pytest.raises(DDSError, match="whole numbers"):
+        T.config_from_args(p.parse_args(["--preset", "fourth", "--attention-grids", "8,x"]))

@@ -200,6 +200,24 @@ UNET4 = UNetConfig(
 )
 
 
+def with_attention_grids(u: UNetConfig, grids) -> UNetConfig:
+    """``u`` with cross-attention at exactly the levels that run on these grid sides (level i
+    runs on the latent's side >> i), in the down and the up path alike, as Stable Diffusion
+    places it (its finest three levels); the mid block always has it. ``UNET4`` is (8, 4);
+    (16, 8, 4) adds the 16x16 level, where the fourth release loses the shape word
+    (docs/builtin-model-4.md, proxy (m))."""
+    n = len(u.block_out_channels)
+    sides = [u.sample_size >> i for i in range(n)]
+    bad = sorted(set(grids) - set(sides))
+    if bad:
+        raise ValueError(f"no UNet level runs on a {bad[0]}x{bad[0]} grid; its levels run on "
+                         f"{', '.join(map(str, sides))}")
+    down = tuple("CrossAttnDownBlock2D" if sides[i] in grids else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if sides[n - 1 - j] in grids else "UpBlock2D"
+               for j in range(n))
+    return replace(u, down_block_types=down, up_block_types=up)
+
+
 def fourth() -> TrainConfig:
     """The fourth release's recipe, the shipped model's (docs/builtin-model-4.md): a 32x32x4
     latent, so that the decoder can show small stars and crosses (500 autoencoder steps read

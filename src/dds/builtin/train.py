@@ -36,7 +36,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -1217,6 +1217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text encoder's learning rate in the UNet stage (0: frozen)")
     p.add_argument("--vae-object-loss-weight", type=float, default=None,
                    help="extra weight of object pixels in the autoencoder's loss (0: plain)")
+    p.add_argument("--attention-grids", default=None, metavar="SIDES",
+                   help="comma list of the latent grid sides whose UNet levels have "
+                   "cross-attention, down and up alike (fourth: 8,4; 16,8,4 adds the 16x16 "
+                   "level)")
     p.add_argument("--judge-every", type=int, default=None,
                    help="judge-read generation accuracy every N UNet steps (eval.csv; 0: off)")
     p.add_argument("--preset", choices=sorted(C.PRESETS), default="third",
@@ -1251,8 +1255,19 @@ def config_from_args(args) -> C.TrainConfig:
     if args.batch_reuse is not None and args.batch_reuse < 1:
         raise DDSError(f"--batch-reuse {args.batch_reuse}: each rendered batch must serve at "
                        "least one step; give 1 or more")
+    cfg = C.tiny() if args.tiny else C.PRESETS[getattr(args, "preset", "third")]()
+    if getattr(args, "attention_grids", None):
+        what = f"--attention-grids {args.attention_grids}"
+        try:
+            grids = tuple(int(g) for g in args.attention_grids.split(","))
+        except ValueError:
+            raise DDSError(f"{what}: give whole numbers such as 16,8,4") from None
+        try:
+            cfg = replace(cfg, unet=C.with_attention_grids(cfg.unet, grids))
+        except ValueError as e:
+            raise DDSError(f"{what}: {e}") from None
     return C.with_overrides(
-        C.tiny() if args.tiny else C.PRESETS[getattr(args, "preset", "third")](),
+        cfg,
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
