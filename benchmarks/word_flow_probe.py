@@ -48,8 +48,10 @@ def main() -> None:
           "each block's output on the object's cells when a word changes, as a share of it")
     print(f"{'block':<6} " + " ".join(f"{'t=' + str(tv) + ' shape / colour':>26}" for tv in ts))
     for name in flows[0]:
-        cells = [f"{f[name]['shape']:9.3f} / {f[name]['colour']:.3f} ({f[name]['shape'] / max(f[name]['colour'], 1e-12):.2f})"
-                 for f in flows]
+        cells = []
+        for f in flows:
+            shape, colour = f[name]["shape"], f[name]["colour"]
+            cells.append(f"{shape:9.3f} / {colour:.3f} ({shape / max(colour, 1e-12):.2f})")
         print(f"{name:<6} " + " ".join(f"{c:>26}" for c in cells))
 
 
