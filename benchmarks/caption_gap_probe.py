@@ -11,23 +11,14 @@ interval includes zero is a word the model ignores at that noise level.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from probe_args import probe_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the built-in model)")
-    p.add_argument("--n", type=int, default=128, help="held-out single-object scenes")
-    p.add_argument("--t", default="100,300,500,700,900", help="comma list of timesteps")
-    p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--upright", action="store_true",
-                   help="turn every object upright (angle 0), as a model trained so expects")
-    p.add_argument("--json", default=None, help="write the table here as well")
-    args = p.parse_args()
+    args = probe_parser(__doc__, n=128, extras=True).parse_args()
 
     from dds.eval.caption_gap import WORD_EDITS, caption_gaps, gap_scenes
     from dds.models import get_model
@@ -37,7 +28,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = get_model(args.model, device="cpu")
     scenes, captions = gap_scenes(args.n, args.seed, args.upright)
-    rows = caption_gaps(model, scenes, captions, [int(s) for s in args.t.split(",")], args.seed,
+    rows = caption_gaps(model, scenes, captions, args.t, args.seed,
                         args.batch)
     print(f"model: {args.model or 'built-in'}; {args.n} held-out one-object scenes; gap = "
           "MSE with the word changed - MSE with the own caption (x1000, mean +- 95%)")

@@ -12,18 +12,12 @@ the change of the block's output on the object's cells, as a share of the output
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from probe_args import probe_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the built-in model)")
-    p.add_argument("--n", type=int, default=64, help="held-out single-object scenes")
-    p.add_argument("--t", default="300,500,700", help="comma list of timesteps")
-    p.add_argument("--seed", type=int, default=10_000)
-    args = p.parse_args()
+    args = probe_parser(__doc__, n=64, t="300,500,700").parse_args()
 
     from dds.eval.caption_gap import gap_scenes, object_cover, word_flow
     from dds.eval.experiments.common import encode01
@@ -38,7 +32,7 @@ def main() -> None:
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed))
     states = {k: model.encode_prompt(captions[k]).embeds for k in ("own", "shape", "colour")}
     cover = object_cover(scenes, 64)
-    ts = [int(s) for s in args.t.split(",")]
+    ts = args.t
     flows = []
     for tv in ts:
         t = torch.full((args.n,), tv, dtype=torch.long)

@@ -15,19 +15,14 @@ it and lets the judge read the object's shape, twice per scene:
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
+from probe_args import probe_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model folder (default: the built-in model)")
-    p.add_argument("--n", type=int, default=64, help="held-out single-object scenes")
-    p.add_argument("--t", default="100,300,500,700,900", help="comma list of timesteps")
+    p = probe_parser(__doc__, n=64)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=10_000)
     args = p.parse_args()
 
     from dds.eval.experiments.common import encode01
@@ -60,7 +55,7 @@ def main() -> None:
         print(f"autoencoder round trip: true shape read {read(decode01(model, z0), kept_shape):.1%}"
               f" (n={args.n}; clean renders {read(x, kept_shape):.1%})")
         print("   t   kept (own caption)   moved (edit caption, target shape)   moved (source shape)")
-        for t_value in (int(s) for s in args.t.split(",")):
+        for t_value in args.t:
             t = torch.full((args.n,), t_value, dtype=torch.long)
             z_t = noise_input(z0, noise, t, schedule)
             e_src, e_tgt = guided_eps_captions(eps_fn, z_t, t, uncond, [c_src, c_tgt],

@@ -102,3 +102,91 @@ def test_word_flow_reads_zero_before_cross_attention_and_the_eps_change_by_hand(
               / ((a.norm(dim=1, keepdim=True) * w).sum(dim=(1, 2, 3)))).mean()
     assert flow["eps"]["other"] == pytest.approx(float(expect), rel=1e-5)
     assert not unet._forward_hooks and not unet.down_blocks[0]._forward_hooks
+
+
+class SwapOracle:
+    """Latents are the images average-pooled to 8x8 (RGB and their mean). The k-th prompt list
+    encoded stands for the clean latent src + f (latents[k] - src): a model whose noise
+    prediction, (z_t - alpha x0) / sigma, makes the share f of each caption's change exactly."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, latents: list[torch.Tensor], f: float):
+        self.latents, self.f, self.calls = latents, f, 0
+
+    def encode(self, x):
+        z = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.cat([z, z.mean(dim=1, keepdim=True)], dim=1)
+
+    def schedule_for(self, shape):
+        return NoiseSchedule(torch.linspace(0.99, 0.01, 1000))
+
+    def encode_prompt(self, prompts):
+        src, k = self.latents[0], self.calls
+        self.calls += 1
+        return src + self.f * (self.latents[k] - src)
+
+    def predict_eps(self, z_t, t, x0):
+        alpha, sigma = self.schedule_for(z_t.shape).alpha_sigma(t)
+        return (z_t - alpha[:, None, None, None] * x0) / sigma[:, None, None, None]
+
+
+@pytest.mark.parametrize("f", [1.0, 0.3, -0.5])
+def test_swap_directions_read_an_exact_oracle_as_cosine_one_and_its_share_of_the_change(f):
+    from dds.eval.caption_gap import gap_edits, swap_directions
+    from dds.eval.experiments.common import encode01
+    from dds.eval.world_edits import images_of
+
+    scenes, edits = gap_edits(5, seed=2)
+    edits = {w: edits[w] for w in ("shape", "colour")}
+    probe = SwapOracle([], f)
+    probe.latents = [encode01(probe, images_of(ss)) for ss in
+                     (scenes, [e.target for e in edits["shape"]], [e.target for e in edits["colour"]])]
+    rows = swap_directions(probe, edits, [200, 700], seed=4, batch=2)
+    assert [(r["t"], r["word"], r["reference"]) for r in rows] == [
+        (200, "shape", "exact"), (200, "colour", "exact"),
+        (700, "shape", "exact"), (700, "colour", "exact")]
+    for r in rows:
+        assert r["cosine"]["mean"] == pytest.approx(np.sign(f), abs=1e-6)
+        assert r["gain"]["mean"] == pytest.approx(f, abs=1e-6)
+        assert r["gain"]["ci95"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_swap_agreement_and_the_ideal_change_by_hand():
+    from dds.eval.caption_gap import ideal_eps_change, swap_agreement
+
+    # Two cells of one channel; the second has no weight, so the model's change there is unseen.
+    ideal = torch.tensor([[[[2.0, 1.0]]]])
+    weight = torch.tensor([[[[1.0, 0.0]]]])
+    found = swap_agreement(torch.tensor([[[[1.0, 5.0]]]]), ideal, weight)
+    assert found["cosine"][0] == pytest.approx(1.0) and found["gain"][0] == pytest.approx(0.5)
+    # Orthogonal on the weighted cells: (1, 1) against (1, -1), equal weights.
+    found = swap_agreement(torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[1.0, -1.0]]]]),
+                           torch.ones(1, 1, 1, 2))
+    assert found["cosine"][0] == pytest.approx(0.0) and found["gain"][0] == pytest.approx(0.0)
+    # -alpha / sigma times the change of the clean latent, at t = 0 and t = 999 of the schedule.
+    schedule = NoiseSchedule(torch.linspace(0.99, 0.01, 1000))
+    z0, z1 = torch.zeros(2, 1, 1, 1), torch.ones(2, 1, 1, 1)
+    got = ideal_eps_change(z0, z1, torch.tensor([0, 999]), schedule).flatten()
+    expect = [-(0.99 / 0.01) ** 0.5, -(0.01 / 0.99) ** 0.5]
+    assert got.tolist() == pytest.approx(expect, rel=1e-5)
+
+
+def test_rotation_mean_latents_keep_a_shape_its_symmetry_keeps():
+    from dds.eval.caption_gap import gap_edits, rotation_mean_latents, turned
+    from dds.eval.experiments.common import encode01
+    from dds.eval.world_edits import images_of
+
+    scenes, _ = gap_edits(40, seed=5)
+    square = next(s for s in scenes if s.objects[0].shape == "square")
+    star = next(s for s in scenes if s.objects[0].shape == "star")
+    probe = SwapOracle([], 1.0)
+    own = encode01(probe, images_of([square, star]))
+    assert turned(square, 0.5).objects[0].angle == pytest.approx(square.objects[0].angle + 0.5)
+    # Quarter turns leave a square as it is, fifths of a turn a five-pointed star.
+    quarters = rotation_mean_latents(probe, [square], 4)
+    fifths = rotation_mean_latents(probe, [star], 5)
+    assert torch.allclose(quarters, own[:1], atol=2e-3)
+    assert torch.allclose(fifths, own[1:], atol=2e-3)
+    # Eighths of a turn do not (a square at 45 degrees is another image).
+    assert (rotation_mean_latents(probe, [square], 8) - own[:1]).abs().max() > 0.02

@@ -23,16 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dds.score import noise_input
+from dds.score import alpha_sigma, noise_input
 
 # word -> the edit kind whose target caption changes exactly that word
 WORD_EDITS = {"shape": "object_shape", "colour": "object_color", "background": "background_color"}
 REGIONS = ("whole", "object")
 
 
-def gap_scenes(n: int, seed: int, upright: bool = False) -> tuple[list, dict[str, list[str]]]:
-    """``n`` held-out one-object scenes and their captions: "own", one per changed word of
-    `WORD_EDITS`, and "empty". ``upright`` turns every object to angle 0."""
+def gap_edits(n: int, seed: int, upright: bool = False) -> tuple[list, dict[str, list]]:
+    """``n`` held-out one-object scenes and, per word of `WORD_EDITS`, the edit of each scene
+    that changes exactly that word (its ``target`` is the scene re-rendered with it changed).
+    ``upright`` turns every object to angle 0."""
     from dds.world import make_edit, sample_scene
 
     rng = np.random.default_rng([seed, 6])
@@ -40,7 +41,13 @@ def gap_scenes(n: int, seed: int, upright: bool = False) -> tuple[list, dict[str
     if upright:
         scenes = [replace(s, objects=tuple(replace(o, angle=0.0) for o in s.objects))
                   for s in scenes]
-    edits = {w: [make_edit(s, kind, rng) for s in scenes] for w, kind in WORD_EDITS.items()}
+    return scenes, {w: [make_edit(s, kind, rng) for s in scenes] for w, kind in WORD_EDITS.items()}
+
+
+def gap_scenes(n: int, seed: int, upright: bool = False) -> tuple[list, dict[str, list[str]]]:
+    """The scenes of `gap_edits` and their captions: "own", one per changed word of
+    `WORD_EDITS`, and "empty"."""
+    scenes, edits = gap_edits(n, seed, upright)
     captions = {"own": [e.source_caption for e in edits["shape"]],
                 **{w: [e.target_caption for e in es] for w, es in edits.items()},
                 "empty": [""] * n}
@@ -78,11 +85,7 @@ def caption_gaps(model, scenes, captions: dict[str, list[str]], timesteps, seed:
     """One row per (t, region): the own caption's MSE and, per changed caption, the gap's mean
     and 95% half-width, both x 1000. ``model``: any backend of `dds.models` (encode,
     encode_prompt, predict_eps, schedule_for); ``scenes`` are rendered at 64x64."""
-    from dds.eval.experiments.common import encode01
-    from dds.eval.world_edits import images_of
-
-    z0 = torch.cat([encode01(model, images_of(scenes[i:i + batch]))
-                    for i in range(0, len(scenes), batch)])
+    z0 = clean_latents(model, scenes, batch)
     schedule = model.schedule_for(z0.shape)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     cover = object_cover(scenes, z0.shape[-1])
@@ -108,6 +111,118 @@ def caption_gaps(model, scenes, captions: dict[str, list[str]], timesteps, seed:
                 row[key] = {"gap_x1000": m, "ci95": h}
             rows.append(row)
     return rows
+
+
+def ideal_eps_change(z0: Tensor, z0_swapped: Tensor, t: Tensor, schedule) -> Tensor:
+    """The change of the noise prediction, at a fixed z_t, that moves the clean latent it implies
+    from ``z0`` to ``z0_swapped``: x0 = (z_t - sigma_t eps) / alpha_t, so the change is
+    -(alpha_t / sigma_t) (z0_swapped - z0), -sqrt(SNR) times the change of the clean latent."""
+    alpha, sigma = alpha_sigma(schedule, t)
+    ratio = (alpha / sigma).to(z0.dtype).reshape(-1, *([1] * (z0.ndim - 1)))
+    return -ratio * (z0_swapped - z0)
+
+
+def swap_agreement(delta: Tensor, ideal: Tensor, weight: Tensor) -> dict[str, np.ndarray]:
+    """Per scene, over the latent cells weighted by ``weight`` (B,1,h,w): the cosine of a model's
+    change of prediction ``delta`` with the ``ideal`` one, and the share of the ideal change it
+    makes (the projection <delta, ideal> / <ideal, ideal>: 1 is the whole change, 0 none)."""
+    def inner(a: Tensor, b: Tensor) -> Tensor:
+        return ((a.double() * b.double()).sum(dim=1, keepdim=True) * weight).sum(dim=(1, 2, 3))
+
+    dot, dd, ii = inner(delta, ideal), inner(delta, delta), inner(ideal, ideal)
+    cosine = dot / (dd * ii).sqrt().clamp_min(1e-24)
+    return {"cosine": cosine.numpy(), "gain": (dot / ii.clamp_min(1e-24)).numpy()}
+
+
+def turned(scene, angle: float):
+    """The scene with every object turned by ``angle`` (radians) about its own centre."""
+    return replace(scene, objects=tuple(replace(o, angle=float(o.angle + angle))
+                                        for o in scene.objects))
+
+
+def rotation_mean_latents(model, scenes, turns: int, batch: int = 64) -> Tensor:
+    """The mean of each scene's clean latent over ``turns`` evenly spaced turns of its objects:
+    what a model that knows each object's shape but not its angle can best predict."""
+    return torch.stack([clean_latents(model, [turned(s, 2 * np.pi * k / turns) for s in scenes],
+                                      batch) for k in range(turns)]).mean(dim=0)
+
+
+def clean_latents(model, scenes, batch: int = 64) -> Tensor:
+    """The model's encodings of the scenes rendered at 64x64, in batches."""
+    from dds.eval.experiments.common import encode01
+    from dds.eval.world_edits import images_of
+
+    return torch.cat([encode01(model, images_of(scenes[i:i + batch]))
+                      for i in range(0, len(scenes), batch)])
+
+
+@torch.no_grad()
+def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: int = 64,
+                    turns: int = 0) -> list[dict[str, Any]]:
+    """Does a changed word move the noise prediction towards the re-rendered scene?
+
+    ``edits``: word -> one edit per scene, all of the same source scenes (`gap_edits`). Each
+    source is noised to t (one fixed noise per scene, as in `caption_gaps`); the model's change
+    of conditional prediction when the own caption is replaced by the edit's is compared with
+    `ideal_eps_change` on the cells either scene's objects cover. The reference change is
+    "exact" (source to the edit's exact target) and, with ``turns``, also "rotation-mean" (the
+    same between `rotation_mean_latents` of both). One row per (t, word, reference):
+    `swap_agreement`'s cosine and gain, means with 95% half-widths.
+    """
+    def predict(z_t: Tensor, t: Tensor, cond) -> Tensor:
+        return torch.cat([model.predict_eps(z_t[i:i + batch].to(model.device),
+                                            t[i:i + batch].to(model.device),
+                                            cond[i:i + batch]).float().cpu()
+                          for i in range(0, len(t), batch)])
+
+    first = next(iter(edits.values()))
+    sources = [e.source for e in first]
+    z0 = clean_latents(model, sources, batch)
+    schedule = model.schedule_for(z0.shape)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    own = model.encode_prompt([e.source_caption for e in first])
+    swaps = {w: _swap_references(model, sources, [e.target for e in es], z0, batch, turns)
+             for w, es in edits.items()}
+    conds = {w: model.encode_prompt([e.target_caption for e in es]) for w, es in edits.items()}
+    rows = []
+    for t_value in timesteps:
+        t = torch.full((len(sources),), int(t_value), dtype=torch.long)
+        z_t = noise_input(z0, noise, t, schedule)
+        base = predict(z_t, t, own)
+        for word, (weight, references) in swaps.items():
+            delta = predict(z_t, t, conds[word]) - base
+            for name, change in references.items():
+                ideal = ideal_eps_change(torch.zeros_like(change), change, t, schedule)
+                found = swap_agreement(delta, ideal, weight)
+                rows.append({"t": int(t_value), "word": word, "reference": name,
+                             **{k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True))
+                                for k, v in found.items()}})
+    return rows
+
+
+def _swap_references(model, sources, targets, z0: Tensor, batch: int,
+                     turns: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The cells either scene's objects cover, and the reference changes of the clean latent."""
+    side = z0.shape[-1]
+    weight = torch.maximum(object_cover(sources, side), object_cover(targets, side)).double()
+    references = {"exact": clean_latents(model, targets, batch) - z0}
+    if turns:
+        references["rotation-mean"] = (rotation_mean_latents(model, targets, turns, batch)
+                                       - rotation_mean_latents(model, sources, turns, batch))
+    return weight, references
+
+
+def rotation_mean_ceiling(model, edits, turns: int, batch: int = 64) -> dict[str, tuple]:
+    """How close the rotation-mean change of the clean latent comes to the exact change, per
+    edit on the cells either scene's objects cover (no prediction involved): `swap_agreement`'s
+    cosine and gain as (mean, 95% half-width); empty when ``turns`` is 0."""
+    if not turns:
+        return {}
+    sources = [e.source for e in edits]
+    weight, refs = _swap_references(model, sources, [e.target for e in edits],
+                                    clean_latents(model, sources, batch), batch, turns)
+    found = swap_agreement(refs["rotation-mean"], refs["exact"], weight)
+    return {k: mean_ci(v) for k, v in found.items()}
 
 
 def unet_blocks(unet) -> dict[str, torch.nn.Module]:
