@@ -297,6 +297,16 @@ def test_schedules_quick_reports_each_setting_against_the_reference(tiny_backend
                                      "reference-constant-n1-s50-adam0.01"]
     assert grid[-1].curve == "reference, constant lr, adam lr 0.01" and grid[-1].calls == 50
     _, grid = settings_of(dict(reference_steps=200, budgets=[25], schedules=["stratified"],
+                               step_rules=[], n_avg=[1], optimizers={"adam": 0.01},
+                               optimizer_rules=["constant", "budget"]))
+    assert [g.key for g in grid] == ["stratified-constant-n1-s25-adam0.01",
+                                     "stratified-budget-n1-s25-adam0.01"]
+    from dds.loop import EditConfig
+    from dds.methods import step_lr
+
+    budget_adam = EditConfig().with_(optimizer="adam", step_rule="budget", lr=0.01, steps=25)
+    assert step_lr(budget_adam) == pytest.approx(0.01 * 200 / 25)
+    _, grid = settings_of(dict(reference_steps=200, budgets=[25], schedules=["stratified"],
                                step_rules=["constant"], n_avg=[1], tails=[0.2]))
     assert [g.key for g in grid] == ["stratified-constant-n1-s25",
                                      "stratified-budget-n1-s25-tail0.2"]

@@ -107,11 +107,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                full=dict(n_edits=100, batch=50, reference_steps=200, budgets=[25, 50],
                          schedules=["reference", "descending", "stratified"],
                          step_rules=["constant", "budget", "decay"], n_avg=[1, 2],
-                         optimizers={"adam": 0.01}, tails=[0.2]),
+                         optimizers={"adam": 0.01}, optimizer_rules=["constant"], tails=[0.2]),
                quick=dict(n_edits=4, batch=48, reference_steps=200, budgets=[25, 50],
                           schedules=["reference", "descending"],
                           step_rules=["constant", "budget", "decay"], n_avg=[1],
-                          optimizers={"adam": 0.01}, tails=[0.2])),
+                          optimizers={"adam": 0.01}, optimizer_rules=["constant"],
+                          tails=[0.2])),
 ]}
 
 
