@@ -78,6 +78,23 @@ def test_tiny_run_writes_checkpoints_logs_and_pipeline_folder(full_run):
             assert float(gaps[-1][f"{w}_{r['t']}"]) == pytest.approx(r[w]["gap_x1000"], abs=2e-3)
             assert float(gaps[-1][f"{w}_{r['t']}_ci"]) == pytest.approx(r[w]["ci95"], abs=2e-3)
     assert res["unet"]["caption_gap_final"]["step"] == "4"
+    # ... and the swap direction, recomputed on the exported model.
+    from dds.eval.caption_gap import gap_edits, swap_directions
+
+    with open(run_dir / "swap.csv", newline="") as f:
+        swaps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in swaps] == [2, 4]
+    _, edits = gap_edits(2 * cfg.judge_prompts, 10_000)
+    rows = swap_directions(StableDiffusionModel(model_dir), {w: edits[w] for w in T.GAP_WORDS},
+                           T.GAP_T, 10_000, turns=T.SWAP_TURNS)
+    checked = 0
+    for r in (r for r in rows if r["reference"] == T.SWAP_REFERENCE[r["word"]]):
+        for k, name in (("cosine", "cos"), ("gain", "share")):
+            got = swaps[-1][f"{r['word']}_{name}_{r['t']}"]
+            assert float(got) == pytest.approx(r[k]["mean"], abs=2e-4)
+            checked += 1
+    assert checked == 2 * 2 * len(T.GAP_T)
+    assert res["unet"]["swap_direction_final"]["step"] == "4"
     index = json.loads((model_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["requires_safety_checker"] is False

@@ -63,6 +63,16 @@ GAP_T = (300, 500, 700)
 GAP_WORDS = ("shape", "colour")
 GAP_FIELDS = ["stage", "step", *(f"{w}_{t}{ci}" for w in GAP_WORDS for t in GAP_T
                                  for ci in ("", "_ci"))]
+# And the swap direction (RUN/swap.csv, `dds.eval.caption_gap.swap_directions`): the cosine of
+# each word's change of prediction with the ideal change towards the re-rendered scene, and the
+# share of it made, at the same timesteps; shape against the change averaged over the object's
+# turns (all a caption can say where the noise hides the angle), colour against the exact one.
+SWAP_REFERENCE = {"shape": "rotation-mean", "colour": "exact"}
+SWAP_TURNS = 12
+SWAP_MEASURES = {"cosine": "cos", "gain": "share"}
+SWAP_FIELDS = ["stage", "step", *(f"{w}_{m}_{t}{ci}" for w in GAP_WORDS
+                                  for m in SWAP_MEASURES.values() for t in GAP_T
+                                  for ci in ("", "_ci"))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +239,10 @@ def judge_log(run_dir: Path) -> CsvLog:
 
 def gap_log(run_dir: Path) -> CsvLog:
     return CsvLog(run_dir / "gap.csv", GAP_FIELDS)
+
+
+def swap_log(run_dir: Path) -> CsvLog:
+    return CsvLog(run_dir / "swap.csv", SWAP_FIELDS)
 
 
 def truncate_after(log: CsvLog, stage: str, step: int) -> None:
@@ -687,11 +701,12 @@ def ddim_sample(
 
 
 def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, tokenizer,
-                  device: torch.device = CPU) -> tuple[dict, dict]:
+                  device: torch.device = CPU) -> tuple[dict, dict, dict]:
     """Export (unet, text_encoder) with ``vae`` to ``model_dir`` and measure, through the stock
     backend, how often the judge reads back every attribute of held-out single-object prompts
     (the first ``cfg.judge_prompts`` of ``dds eval builtin-quality``'s generation prompts), and
-    the caption gap of the shape and colour words on twice as many held-out scenes."""
+    the caption gap and the swap direction of the shape and colour words on twice as many
+    held-out scenes."""
     from dds.eval.builtin_quality import eval_generation
     from dds.models.stable_diffusion import StableDiffusionModel
     from dds.world import Judge
@@ -701,7 +716,8 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
                         batch_size=min(50, cfg.judge_prompts), quiet=True)
     r.pop("samples")
-    return r, gap_reading(backend, 2 * cfg.judge_prompts)
+    n = 2 * cfg.judge_prompts
+    return r, gap_reading(backend, n), swap_reading(backend, n)
 
 
 def gap_reading(backend, n: int, seed: int = 10_000) -> dict[str, float]:
@@ -715,6 +731,19 @@ def gap_reading(backend, n: int, seed: int = 10_000) -> dict[str, float]:
             for w in GAP_WORDS for ci, key in (("", "gap_x1000"), ("_ci", "ci95"))}
 
 
+def swap_reading(backend, n: int, seed: int = 10_000) -> dict[str, float]:
+    """`SWAP_FIELDS`' values: each of `GAP_WORDS`' swap direction at `GAP_T` against its
+    `SWAP_REFERENCE`, on the caption gap's scenes and noise."""
+    from dds.eval.caption_gap import gap_edits, swap_directions
+
+    _, edits = gap_edits(n, seed)
+    rows = swap_directions(backend, {w: edits[w] for w in GAP_WORDS}, GAP_T, seed,
+                           turns=SWAP_TURNS)
+    return {f"{r['word']}_{name}_{r['t']}{ci}": r[k][key]
+            for r in rows if r["reference"] == SWAP_REFERENCE[r["word"]]
+            for k, name in SWAP_MEASURES.items() for ci, key in (("", "mean"), ("_ci", "ci95"))}
+
+
 class _UNetStage:
     """Stage 2's models, optimiser, EMA and counters, and what one step and a checkpoint do."""
 
@@ -726,6 +755,7 @@ class _UNetStage:
                                    cfg.batch_reuse)
         self.ckpt_path = run_dir / "unet.pt"
         self.log, self.judged, self.gaps = loss_log(run_dir), judge_log(run_dir), gap_log(run_dir)
+        self.swaps = swap_log(run_dir)
         torch.manual_seed(cfg.seed + 1)
         self.text_encoder = C.build_text_encoder(cfg.text)
         self.unet = C.build_unet(cfg.unet, cross_attention_dim=cfg.text.hidden_size)
@@ -763,6 +793,7 @@ class _UNetStage:
         truncate_after(self.log, "unet", done)
         truncate_after(self.judged, "unet", done)
         truncate_after(self.gaps, "unet", done)
+        truncate_after(self.swaps, "unet", done)
 
     def save(self) -> None:
         save_state({"stage": "unet", "config": self.cfg.to_dict(), "unet": self.unet.state_dict(),
@@ -841,13 +872,16 @@ class _UNetStage:
 
     def judge_row(self, step: int) -> dict:
         u, t = self.ema_models()
-        r, gaps = judge_reading(self.cfg, self.run_dir / "latest-model",
-                                copy.deepcopy(self.vae).cpu(), u, t, self.tokenizer, self.device)
+        r, gaps, swaps = judge_reading(self.cfg, self.run_dir / "latest-model",
+                                       copy.deepcopy(self.vae).cpu(), u, t, self.tokenizer,
+                                       self.device)
         self.judged.write({"stage": "unet", "step": step, "seconds": f"{self.at.seconds:.1f}",
                            **{k: "" if r[k] is None else f"{r[k]:.4f}"
                               for k in JUDGE_FIELDS[2:-1]}})
         self.gaps.write({"stage": "unet", "step": step, **{k: f"{v:.3f}" for k, v in gaps.items()}})
-        return {**r, "gaps": gaps}
+        self.swaps.write({"stage": "unet", "step": step,
+                          **{k: f"{v:.4f}" for k, v in swaps.items()}})
+        return {**r, "gaps": gaps, "swaps": swaps}
 
     def after(self, step: int, bar) -> None:
         cfg = self.cfg
@@ -864,7 +898,8 @@ class _UNetStage:
                           f"(object shape {reading['object_shape']:.0%}, "
                           f"colour {reading['object_color']:.0%}); caption gap at t = 500, "
                           f"shape {reading['gaps']['shape_500']:+.2f}, "
-                          f"colour {reading['gaps']['colour_500']:+.2f}")
+                          f"colour {reading['gaps']['colour_500']:+.2f}; shape word's swap "
+                          f"direction at t = 700, cosine {reading['swaps']['shape_cos_700']:+.2f}")
 
     def info(self) -> dict:
         rows = [r for r in self.log.rows() if r["stage"] == "unet"]
@@ -875,9 +910,10 @@ class _UNetStage:
         readings = [r for r in self.judged.rows() if r["stage"] == "unet"]
         if readings:
             info["judge_final"] = {k: v for k, v in readings[-1].items() if k != "stage"}
-        gaps = [r for r in self.gaps.rows() if r["stage"] == "unet"]
-        if gaps:
-            info["caption_gap_final"] = {k: v for k, v in gaps[-1].items() if k != "stage"}
+        for key, log in (("caption_gap_final", self.gaps), ("swap_direction_final", self.swaps)):
+            kept = [r for r in log.rows() if r["stage"] == "unet"]
+            if kept:
+                info[key] = {k: v for k, v in kept[-1].items() if k != "stage"}
         return info
 
 
