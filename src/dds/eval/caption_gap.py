@@ -177,11 +177,12 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
 
     first = next(iter(edits.values()))
     sources = [e.source for e in first]
-    z0 = clean_latents(model, sources, batch)
+    base = _reference_latents(model, sources, batch, turns)
+    z0 = base["exact"]
     schedule = model.schedule_for(z0.shape)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     own = model.encode_prompt([e.source_caption for e in first])
-    swaps = {w: _swap_references(model, sources, [e.target for e in es], z0, batch, turns)
+    swaps = {w: _swap_references(model, sources, [e.target for e in es], base, batch, turns)
              for w, es in edits.items()}
     conds = {w: model.encode_prompt([e.target_caption for e in es]) for w, es in edits.items()}
     rows = []
@@ -200,16 +201,22 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
     return rows
 
 
-def _swap_references(model, sources, targets, z0: Tensor, batch: int,
-                     turns: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """The cells either scene's objects cover, and the reference changes of the clean latent."""
-    side = z0.shape[-1]
-    weight = torch.maximum(object_cover(sources, side), object_cover(targets, side)).double()
-    references = {"exact": clean_latents(model, targets, batch) - z0}
+def _reference_latents(model, scenes, batch: int, turns: int) -> dict[str, Tensor]:
+    """Per reference, the scenes' clean latents: "exact" and, with ``turns``, "rotation-mean"."""
+    out = {"exact": clean_latents(model, scenes, batch)}
     if turns:
-        references["rotation-mean"] = (rotation_mean_latents(model, targets, turns, batch)
-                                       - rotation_mean_latents(model, sources, turns, batch))
-    return weight, references
+        out["rotation-mean"] = rotation_mean_latents(model, scenes, turns, batch)
+    return out
+
+
+def _swap_references(model, sources, targets, base: dict[str, Tensor], batch: int,
+                     turns: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The cells either scene's objects cover, and per reference the change of the clean latent
+    from the sources' (``base``, `_reference_latents`) to the targets'."""
+    side = base["exact"].shape[-1]
+    weight = torch.maximum(object_cover(sources, side), object_cover(targets, side)).double()
+    moved = _reference_latents(model, targets, batch, turns)
+    return weight, {name: moved[name] - z for name, z in base.items()}
 
 
 def rotation_mean_ceiling(model, edits, turns: int, batch: int = 64) -> dict[str, tuple]:
@@ -220,7 +227,7 @@ def rotation_mean_ceiling(model, edits, turns: int, batch: int = 64) -> dict[str
         return {}
     sources = [e.source for e in edits]
     weight, refs = _swap_references(model, sources, [e.target for e in edits],
-                                    clean_latents(model, sources, batch), batch, turns)
+                                    _reference_latents(model, sources, batch, turns), batch, turns)
     found = swap_agreement(refs["rotation-mean"], refs["exact"], weight)
     return {k: mean_ci(v) for k, v in found.items()}
 
