@@ -133,14 +133,12 @@ class SwapOracle:
 
 @pytest.mark.parametrize("f", [1.0, 0.3, -0.5])
 def test_swap_directions_read_an_exact_oracle_as_cosine_one_and_its_share_of_the_change(f):
-    from dds.eval.caption_gap import gap_edits, swap_directions
-    from dds.eval.experiments.common import encode01
-    from dds.eval.world_edits import images_of
+    from dds.eval.caption_gap import clean_latents, gap_edits, swap_directions
 
     scenes, edits = gap_edits(5, seed=2)
     edits = {w: edits[w] for w in ("shape", "colour")}
     probe = SwapOracle([], f)
-    probe.latents = [encode01(probe, images_of(ss)) for ss in
+    probe.latents = [clean_latents(probe, ss) for ss in
                      (scenes, [e.target for e in edits["shape"]], [e.target for e in edits["colour"]])]
     rows = swap_directions(probe, edits, [200, 700], seed=4, batch=2)
     assert [(r["t"], r["word"], r["reference"]) for r in rows] == [

@@ -189,9 +189,9 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
     for t_value in timesteps:
         t = torch.full((len(sources),), int(t_value), dtype=torch.long)
         z_t = noise_input(z0, noise, t, schedule)
-        base = predict(z_t, t, own)
+        own_eps = predict(z_t, t, own)
         for word, (weight, references) in swaps.items():
-            delta = predict(z_t, t, conds[word]) - base
+            delta = predict(z_t, t, conds[word]) - own_eps
             for name, change in references.items():
                 ideal = ideal_eps_change(torch.zeros_like(change), change, t, schedule)
                 found = swap_agreement(delta, ideal, weight)

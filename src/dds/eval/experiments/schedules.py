@@ -61,8 +61,9 @@ def settings_of(p: dict) -> tuple[Setting, list[Setting]]:
     """The reference recipe and every setting of the grid (budgets are denoiser calls); each
     optimiser of p["optimizers"] (name: lr) adds every schedule at every budget, one draw, with
     each step rule of p["optimizer_rules"] (the presets: "constant"; "budget" scales Adam's
-    per-element step as it scales SGD's, so that fewer steps may travel as far); each fraction of p["tails"] the same with the budget step, SGD and the mean
-    of that last fraction of the latents."""
+    per-element step as it scales SGD's, so that fewer steps may travel as far); each fraction
+    of p["tails"] the same with the budget step, SGD and the mean of that last fraction of the
+    latents."""
     ref = Setting("reference", "constant", 1, p["reference_steps"])
     grid = [Setting(s, r, a, b // a) for s in p["schedules"] for r in p["step_rules"]
             for a in p["n_avg"] for b in p["budgets"] if b // a >= 1]
