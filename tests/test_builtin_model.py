@@ -147,7 +147,7 @@ def test_dds_beats_sds_on_preservation():
 def test_editing_eval_resumes_from_its_batches(tmp_path):
     """Per-batch parts: a run resumed after losing a batch, and a run that finds every batch
     done (no model needed), both give the uninterrupted run's numbers."""
-    from dds.eval.builtin_quality import eval_editing
+    from dds.eval.builtin_quality import BY_VALUE, eval_editing
     from dds.pipeline import edit_config, get_model
     from dds.world import Judge
 
@@ -167,6 +167,8 @@ def test_editing_eval_resumes_from_its_batches(tmp_path):
         for method in ("dds", "sds", "flowedit"):
             for kind, row in plain[method].items():
                 assert r[method][kind] == pytest.approx(row, rel=1e-6)
+        assert r[BY_VALUE] == plain[BY_VALUE]  # rebuilt from the stored per-edit parts
+    assert sum(v["n"] for k in plain[BY_VALUE].values() for v in k.values()) == 6
     with pytest.raises(DDSError, match="other settings"):
         eval_editing(None, None, cfg.with_(steps=4), per_kind=2, batch_size=4, parts_dir=parts)
 

@@ -188,3 +188,27 @@ def test_rotation_mean_latents_keep_a_shape_its_symmetry_keeps():
     assert torch.allclose(fifths, own[1:], atol=2e-3)
     # Eighths of a turn do not (a square at 45 degrees is another image).
     assert (rotation_mean_latents(probe, [square], 8) - own[:1]).abs().max() > 0.02
+
+
+def test_swap_directions_by_value_split_the_scenes_by_the_value_changed_to():
+    from dds.eval.caption_gap import clean_latents, gap_edits, swap_directions
+
+    scenes, edits = gap_edits(8, seed=3)
+    edits = {"colour": edits["colour"]}
+    values = [e.new_value for e in edits["colour"]]
+    first = sorted(set(values))[0]
+    # The oracle makes the whole change towards the first colour and half of every other one.
+    share = torch.tensor([1.0 if v == first else 0.5 for v in values]).view(-1, 1, 1, 1)
+    probe = SwapOracle([], 1.0)
+    src = clean_latents(probe, scenes)
+    probe.latents = [src, src + share * (clean_latents(probe, [e.target for e in edits["colour"]])
+                                         - src)]
+    rows = swap_directions(probe, edits, [500], seed=4, batch=4, by_value=True)
+    assert "value" not in rows[0]
+    assert rows[0]["gain"]["mean"] == pytest.approx(float(share.mean()), abs=1e-6)
+    split = rows[1:]
+    assert [r["value"] for r in split] == sorted(set(values))
+    assert [r["n"] for r in split] == [values.count(v) for v in sorted(set(values))]
+    for r in split:
+        assert r["cosine"]["mean"] == pytest.approx(1.0, abs=1e-6)
+        assert r["gain"]["mean"] == pytest.approx(1.0 if r["value"] == first else 0.5, abs=1e-6)

@@ -598,3 +598,32 @@ def test_log_axes_label_only_the_measured_settings(tmp_path, monkeypatch):
         for ax in fig.axes:
             assert [t.get_text() for t in ax.get_xticklabels()] == ["25", "50", "100", "200", "400"]
             assert not [t for t in ax.get_xticklabels(minor=True) if t.get_text()]
+
+
+def test_success_by_target_value_splits_each_kind_by_the_value_asked_for():
+    from types import SimpleNamespace
+
+    from dds.eval.builtin_quality import BY_VALUE, by_target_value, editing_table
+
+    edits = [SimpleNamespace(kind=k, new_value=v) for k, v in [
+        ("object_color", "green"), ("object_color", "red"), ("object_color", "green"),
+        ("object_shape", "star"), ("object_color", "red"), ("object_color", "red")]]
+    per = {"dds": {"success_pos": np.array([0.0, 1.0, 0.0, 1.0, 1.0, 0.0]),
+                   "success": np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0]),
+                   "psnr_gain": np.ones(6)},
+           "sds": {"success_pos": np.array([1.0, 0.0, 1.0, 0.0, 0.0, 0.0]),
+                   "success": np.ones(6), "psnr_gain": np.ones(6)}}
+    by = by_target_value(per, edits)
+    assert list(by) == ["object_color", "object_shape"]
+    assert list(by["object_color"]) == ["green", "red"]
+    green, red = by["object_color"]["green"], by["object_color"]["red"]
+    assert (green["n"], red["n"], by["object_shape"]["star"]["n"]) == (2, 3, 1)
+    assert green["dds"] == {"success_pos": 0.0, "success": 0.5}  # no PSNR: success only
+    assert red["dds"]["success_pos"] == pytest.approx(2 / 3) and green["sds"]["success_pos"] == 1.0
+    row = {"success_pos": 0.5, "success": 0.5, "psnr_gt": 20.0, "psnr_gain": 1.0,
+           "psnr_out": 30.0, "ssim_out": 0.5, "n": 6}
+    text = editing_table({"dds": {"all": row}, "sds": {"all": row}, BY_VALUE: by})
+    assert "| edit kind | changed to | n | DDS: placed (attribute) | SDS: placed (attribute) |" in text
+    assert "| object_color | green | 2 | 0.0% (50.0%) | 100.0% (100.0%) |" in text
+    assert "| object_color | red | 3 | 66.7% (100.0%) | 0.0% (100.0%) |" in text
+    assert "BY_VALUE" not in text and "| by_value |" not in text  # not a method row

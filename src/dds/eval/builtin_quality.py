@@ -131,7 +131,9 @@ def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int =
                  seed: int = HELD_OUT_SEED, quiet: bool = False,
                  parts_dir: Path | None = None) -> dict:
     """Every editing method (DDS, SDS, FlowEdit) on `per_kind` held-out edits of each kind, and the two
-    floors, scored against the exact truth: {method or floor: {kind: means}}.
+    floors, scored against the exact truth: {method or floor: {kind: means}}, with the paired
+    comparison of the methods under `PAIRED` and their success per target value under
+    `BY_VALUE`.
 
     With `parts_dir`, each batch's per-edit metrics are kept in `parts_dir/parts/` as it
     finishes, so an interrupted run resumes at the first missing batch (edit i is seeded
@@ -169,7 +171,43 @@ def eval_editing(model, judge, cfg: EditConfig, per_kind: int, batch_size: int =
                             slices, name_by_start=True)
     out.update({name: summarise(m, edits) for name, m in floors.items()})
     out[PAIRED] = compare_methods(per, [e.kind for e in edits], WORLD_COMPARED)
+    out[BY_VALUE] = by_target_value(per, edits)
     return out
+
+
+BY_VALUE = "by_value"  # the key of the success per target value beside the methods' figures
+BY_VALUE_METRICS = ("success_pos", "success")
+
+
+def by_target_value(per: dict[str, dict[str, np.ndarray]], edits) -> dict:
+    """Success per edit kind and per value the edit asks for (a colour, a shape):
+    {kind: {value: {"n": edits, method: {metric: mean}}}}.  `per`: method -> per-edit metrics.
+    A mean over all values hides a value that no method reaches."""
+    kinds = np.array([e.kind for e in edits])
+    values = np.array([str(e.new_value) for e in edits])
+    out: dict = {}
+    for kind in dict.fromkeys(kinds.tolist()):
+        out[kind] = {}
+        for value in sorted(set(values[kinds == kind])):
+            sel = (kinds == kind) & (values == value)
+            out[kind][value] = {"n": int(sel.sum()), **{
+                m: {k: float(np.mean(v[sel])) for k, v in metrics.items() if k in BY_VALUE_METRICS}
+                for m, metrics in per.items()}}
+    return out
+
+
+def by_value_table(by_value: dict) -> str:
+    """Markdown: per edit kind and target value, each method's success, placed (attribute
+    only)."""
+    methods = [m for m in next(iter(next(iter(by_value.values())).values())) if m != "n"]
+    lines = ["| edit kind | changed to | n | " + " | ".join(
+                 f"{m.upper()}: placed (attribute)" for m in methods) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+    for kind, values in by_value.items():
+        for value, row in values.items():
+            cells = [f"{row[m]['success_pos']:.1%} ({row[m]['success']:.1%})" for m in methods]
+            lines.append(f"| {kind} | {value} | {row['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def choose_defaults(model, judge, lrs=(0.03, 0.1, 0.2, 0.4), guidances=(3.0, 7.5, 15.0),
@@ -361,9 +399,10 @@ def quality_markdown(r: dict) -> str:
 
 def editing_table(editing: dict) -> str:
     """Markdown: per edit kind, each method and then the two floors, by the world metrics; then,
-    when `editing` holds one, the paired comparison of the methods."""
+    when `editing` holds them, the paired comparison of the methods and the success per target
+    value (`by_target_value`)."""
     floors = [f for f in FLOOR_LABELS if f in editing]
-    methods = [m for m in editing if m not in FLOOR_LABELS and m != PAIRED]
+    methods = [m for m in editing if m not in FLOOR_LABELS and m not in (PAIRED, BY_VALUE)]
     rows = []
     for kind in editing[methods[0]]:
         rows += [((f"{kind} (n={editing[m][kind]['n']})", m.upper()), editing[m][kind])
@@ -372,4 +411,9 @@ def editing_table(editing: dict) -> str:
                  for f in floors]
     table = metric_table(rows, ["edit kind", "method"], WORLD_METRICS,
                          unranked=FLOOR_LABELS.values(), group=0)
-    return table + ("\n" + comparison_text(editing[PAIRED]) if PAIRED in editing else "")
+    if PAIRED in editing:
+        table += "\n" + comparison_text(editing[PAIRED])
+    if editing.get(BY_VALUE):
+        table += ("\n\nSuccess by the value each edit asks for, placed (attribute only):\n\n"
+                  + by_value_table(editing[BY_VALUE]) + "\n")
+    return table

@@ -158,7 +158,7 @@ def clean_latents(model, scenes, batch: int = 64) -> Tensor:
 
 @torch.no_grad()
 def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: int = 64,
-                    turns: int = 0) -> list[dict[str, Any]]:
+                    turns: int = 0, by_value: bool = False) -> list[dict[str, Any]]:
     """Does a changed word move the noise prediction towards the re-rendered scene?
 
     ``edits``: word -> one edit per scene, all of the same source scenes (`gap_edits`). Each
@@ -167,7 +167,9 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
     `ideal_eps_change` on the cells either scene's objects cover. The reference change is
     "exact" (source to the edit's exact target) and, with ``turns``, also "rotation-mean" (the
     same between `rotation_mean_latents` of both). One row per (t, word, reference):
-    `swap_agreement`'s cosine and gain, means with 95% half-widths.
+    `swap_agreement`'s cosine and gain, means with 95% half-widths. With ``by_value``, each row
+    is followed by one per value the word is changed to (key "value", and "n" scenes): a word
+    the model answers for most values can still fail for one.
     """
     def predict(z_t: Tensor, t: Tensor, cond) -> Tensor:
         return torch.cat([model.predict_eps(z_t[i:i + batch].to(model.device),
@@ -195,10 +197,19 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
             for name, change in references.items():
                 ideal = ideal_eps_change(torch.zeros_like(change), change, t, schedule)
                 found = swap_agreement(delta, ideal, weight)
-                rows.append({"t": int(t_value), "word": word, "reference": name,
-                             **{k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True))
-                                for k, v in found.items()}})
+                row = {"t": int(t_value), "word": word, "reference": name}
+                rows.append({**row, **_means(found)})
+                if by_value:
+                    values = np.array([str(e.new_value) for e in edits[word]])
+                    rows += [{**row, "value": v, "n": int((values == v).sum()),
+                              **_means({k: x[values == v] for k, x in found.items()})}
+                             for v in sorted(set(values))]
     return rows
+
+
+def _means(found: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per measure of `swap_agreement`: its mean and 95% half-width over the scenes."""
+    return {k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True)) for k, v in found.items()}
 
 
 def _reference_latents(model, scenes, batch: int, turns: int) -> dict[str, Tensor]:
