@@ -187,6 +187,7 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
     swaps = {w: _swap_references(model, sources, [e.target for e in es], base, batch, turns)
              for w, es in edits.items()}
     conds = {w: model.encode_prompt([e.target_caption for e in es]) for w, es in edits.items()}
+    values = {w: np.array([str(e.new_value) for e in es]) for w, es in edits.items()}
     rows = []
     for t_value in timesteps:
         t = torch.full((len(sources),), int(t_value), dtype=torch.long)
@@ -200,10 +201,9 @@ def swap_directions(model, edits: dict[str, list], timesteps, seed: int, batch: 
                 row = {"t": int(t_value), "word": word, "reference": name}
                 rows.append({**row, **_means(found)})
                 if by_value:
-                    values = np.array([str(e.new_value) for e in edits[word]])
-                    rows += [{**row, "value": v, "n": int((values == v).sum()),
-                              **_means({k: x[values == v] for k, x in found.items()})}
-                             for v in sorted(set(values))]
+                    rows += [{**row, "value": v, "n": int((values[word] == v).sum()),
+                              **_means({k: x[values[word] == v] for k, x in found.items()})}
+                             for v in sorted(set(values[word]))]
     return rows
 
 
