@@ -13,7 +13,7 @@ from dds.errors import DDSError
 from dds.eval.experiments import EXPERIMENTS, Context, run_experiment
 from dds.eval.experiments.common import derangement
 from dds.eval.experiments.editing import dominated_share, pareto
-from dds.eval.experiments.score_stats import cosine_unit, norms_unit
+from dds.eval.experiments.score_stats import cosine_unit, draws_share, norms_unit
 from dds.eval.runner import Runner
 from dds.models.base import NoiseSchedule
 from dds.score import alpha_sigma
@@ -60,6 +60,18 @@ def test_norms_closed_form_aligned_zero_unaligned_known():
     assert np.allclose(r["aligned"], 0, atol=1e-4)
     assert np.allclose(r["unaligned"], expect.numpy(), rtol=1e-4)
     assert np.allclose(r["unaligned_noise_std"], 0, atol=1e-3)  # eps cancels exactly
+
+
+def test_draws_share_matches_simulated_variance_split():
+    """Pairs whose true values spread with std 2 and whose single draws have std 3: with n draws
+    per pair, the draws' share of the spread between pairs is (9/n) / (4 + 9/n)."""
+    rng = np.random.default_rng(0)
+    pairs, n = 4000, 10
+    truth = rng.normal(5.0, 2.0, size=pairs)
+    draws = truth[:, None] + rng.normal(0.0, 3.0, size=(pairs, n))
+    share = draws_share(draws.mean(1), draws.std(1), n)
+    assert share == pytest.approx(0.9 / 4.9, rel=0.08)
+    assert draws_share(truth, np.zeros(pairs), n) == 0.0  # exact estimates: no share
 
 
 def test_cosine_closed_form():
@@ -145,6 +157,9 @@ def test_score_norms_quick_and_resume(tiny_backend, tmp_path):
     rows = rec1["rows"]
     assert [r["t"] for r in rows] == [50, 350, 650]
     assert all(np.isfinite(r["aligned_mean"]) and r["aligned_mean"] > 0 for r in rows)
+    assert all(0 <= r["aligned_draws_share"] and 0 <= r["unaligned_draws_share"] for r in rows)
+    assert rec1["summary"]["draws_share_max"] == max(
+        max(r["aligned_draws_share"], r["unaligned_draws_share"]) for r in rows)
     assert isinstance(s["reproduces"], bool) and "**Claim" in (out / "report.md").read_text()
     # a second run finds every unit and gives identical tables
     run_experiment("score-norms", _ctx(tiny_backend, out), **small)

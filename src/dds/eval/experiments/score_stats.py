@@ -137,6 +137,20 @@ def _stats(v: np.ndarray) -> tuple[float, float, float]:
     return v.mean(-1), sd, sd / np.sqrt(n)
 
 
+def draws_share(estimates: np.ndarray, noise_std: np.ndarray, n_noise: int) -> np.ndarray:
+    """Share of the spread between pairs that the finite number of noise draws accounts for.
+
+    estimates, noise_std: (..., pairs), each pair's mean over n_noise draws and the draws' std
+    (population std, as `norms_unit` returns it).  Returns mean_i(s_i^2 / n_noise) /
+    var_i(estimate_i) over the last axis, s_i^2 the draws' unbiased variance: near 0 means the
+    standard errors come from the pairs themselves, and more draws would not narrow them.
+    """
+    from_draws = (noise_std**2 / max(n_noise - 1, 1)).mean(-1)
+    n = estimates.shape[-1]
+    between = estimates.var(-1, ddof=1) if n > 1 else np.zeros(estimates.shape[:-1])
+    return from_draws / np.maximum(between, 1e-30)
+
+
 # ---- score-norms ------------------------------------------------------------------------------
 def run_score_norms(ctx, p: dict) -> dict:
     """Figure 8 left.  p: n_pairs, n_noise, n_t, guidance, pair_batch, chunk_rows."""
@@ -148,8 +162,7 @@ def run_score_norms(ctx, p: dict) -> dict:
     runner = ctx.runner({"experiment": "score-norms", **p, "timesteps": ts})
     bar = progress_bar(len(ts) * n * p["n_noise"], "score-norms (pairs x draws)", ctx.quiet,
                        unit="grad")
-    al = np.zeros((len(ts), n))
-    un = np.zeros((len(ts), n))
+    al, un, al_sd, un_sd = (np.zeros((len(ts), n)) for _ in range(4))
     for i, t in enumerate(ts):
         for j, sl in enumerate(batches(n, p["pair_batch"])):
             r = runner.unit(f"t-{t}-b-{j}", lambda sl=sl, t=t, j=j: norms_unit(
@@ -157,14 +170,18 @@ def run_score_norms(ctx, p: dict) -> dict:
                 seed_gen(ctx.seed, NORMS_STREAM, t, j), p["chunk_rows"], bar),
                 lambda sl=sl: bar.update((sl.stop - sl.start) * p["n_noise"]))
             al[i, sl], un[i, sl] = r["aligned"], r["unaligned"]
+            al_sd[i, sl], un_sd[i, sl] = r["aligned_noise_std"], r["unaligned_noise_std"]
     bar.close()
+    a_share, u_share = (draws_share(v, sd, p["n_noise"]) for v, sd in ((al, al_sd), (un, un_sd)))
     numel = int(np.prod(data.z.shape[1:]))
     (am, asd, ase), (um, usd, use) = _stats(al), _stats(un)
     dm, dsd, dse = _stats(un - al)  # paired: same image, same draws
     rows = [{"t": t, "aligned_mean": am[i], "aligned_std": asd[i], "aligned_se": ase[i],
              "unaligned_mean": um[i], "unaligned_std": usd[i], "unaligned_se": use[i],
              "gap_mean": dm[i], "gap_se": dse[i], "ratio": am[i] / um[i],
-             "aligned_rms_per_element": am[i] / np.sqrt(numel)} for i, t in enumerate(ts)]
+             "aligned_rms_per_element": am[i] / np.sqrt(numel),
+             "aligned_draws_share": a_share[i], "unaligned_draws_share": u_share[i]}
+            for i, t in enumerate(ts)]
     write_csv(ctx.out / "score_norms.csv", rows)
     plots.band_lines(ctx.out / "score_norms.png", ts,
                      {"aligned (own caption)": (am, asd), "unaligned (permuted captions)": (um, usd)},
@@ -182,12 +199,15 @@ def run_score_norms(ctx, p: dict) -> dict:
         "gap_above_2se_at": significant, "mean_ratio_aligned_over_unaligned": ratio,
         "aligned_mean_over_t": float(am.mean()), "unaligned_mean_over_t": float(um.mean()),
         "aligned_min_over_t": float(am.min()), "latent_elements": numel,
+        "draws_share_max": float(max(a_share.max(), u_share.max())),
     }
     text = (
         f"Aligned pairs: mean SDS norm {fmt(am.mean())} (per element {fmt(am.mean() / np.sqrt(numel))}),"
         f" smallest {fmt(am.min())} at t = {ts[int(am.argmin())]}; unaligned: {fmt(um.mean())}. "
         f"Aligned is below unaligned at {below} of {len(ts)} timesteps (gap above 2 standard errors "
-        f"at {significant}); aligned / unaligned = {fmt(ratio)} on average.\n\n"
+        f"at {significant}); aligned / unaligned = {fmt(ratio)} on average. The {p['n_noise']} "
+        f"noise draws per pair account for at most {100 * summary['draws_share_max']:.1f}% of the "
+        f"spread between pairs at any t (the rest is the pairs themselves).\n\n"
         f"**Claim (aligned norms non-zero and below unaligned): "
         f"{'reproduces' if ok else 'does NOT reproduce'}** "
         f"(criteria: aligned > 10% of unaligned at every t: {nonzero}; aligned < unaligned at "
