@@ -154,6 +154,11 @@ def test_score_norms_quick_and_resume(tiny_backend, tmp_path):
     csv1, rec1 = _tables(out, "score_norms")
     assert rec1["units"]["computed_this_run"] == 3 and rec1["seed"] == 0
     assert rec1["params"]["n_noise"] == 2 and rec1["preset"] == "quick"
+    # the report says which settings left the preset (quick: 12 pairs, 8 draws, 10 t, 96 rows)
+    assert rec1["changed_from_preset"] == {
+        "n_pairs": {"preset": 12, "used": 3}, "n_noise": {"preset": 8, "used": 2},
+        "n_t": {"preset": 10, "used": 3}, "chunk_rows": {"preset": 96, "used": 6}}
+    assert "changed from the preset: n_pairs 12 -> 3, n_noise 8 -> 2" in (out / "report.md").read_text()
     rows = rec1["rows"]
     assert [r["t"] for r in rows] == [50, 350, 650]
     assert all(np.isfinite(r["aligned_mean"]) and r["aligned_mean"] > 0 for r in rows)

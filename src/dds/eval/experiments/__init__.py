@@ -176,8 +176,10 @@ class Context:
     def finish(self, name, params, rows, summary, text, pngs, runner, title, es=None) -> None:
         """Write NAME.json (settings, seeds, summary, rows) and report.md."""
         slug = name.replace("-", "_")
+        preset = "quick" if self.quick else "full"
+        changed = changed_from_preset(name, preset, params)
         record = {
-            "experiment": name, "title": title, "preset": "quick" if self.quick else "full",
+            "experiment": name, "title": title, "preset": preset, "changed_from_preset": changed,
             "seed": self.seed, "model": model_name(self.model),
             "data": str(self.data) if self.data else "built-in world (held-out scenes)",
             "params": params, "edit_config": json.loads(self.edit_cfg().to_json()),
@@ -189,6 +191,9 @@ class Context:
         }
         write_json(self.out / f"{slug}.json", record)
         settings = ", ".join(f"{k}={v}" for k, v in params.items())
+        if changed:
+            settings += "; changed from the preset: " + ", ".join(
+                f"{k} {c['preset']} -> {c['used']}" for k, c in changed.items())
         metrics = "".join(f"- `{k}`: {v}\n" for k, v in (es.metrics_doc if es else {}).items())
         md = (
             f"# {title}\n\n"
@@ -201,6 +206,13 @@ class Context:
             + (f"Command: `{self.command}`.\n" if self.command else "\n")
         )
         write_atomic(self.out / "report.md", md)
+
+
+def changed_from_preset(name: str, preset: str, params: dict) -> dict[str, dict]:
+    """The settings of a run that differ from its experiment's preset: {key: {preset, used}}."""
+    exp = EXPERIMENTS[name]
+    base = exp.quick if preset == "quick" else exp.full
+    return {k: {"preset": base.get(k), "used": v} for k, v in params.items() if base.get(k) != v}
 
 
 def run_experiment(name: str, ctx: Context, **overrides) -> dict:
