@@ -11,10 +11,12 @@ interval includes zero is a word the model ignores at that noise level.
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import torch
 from probe_args import probe_parser
+
+from dds.eval.report import write_json
 
 
 def main() -> None:
@@ -37,8 +39,7 @@ def main() -> None:
         cells = [f"{row[k]['gap_x1000']:8.2f} +- {row[k]['ci95']:5.2f}" for k in words]
         print(f"{row['t']:4d}  {row['region']:6s}  {row['own_mse']:8.4f}   " + "   ".join(cells))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "n": args.n, "rows": rows}, f, indent=1)
+        write_json(Path(args.json), {"model": args.model, "n": args.n, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ source colour kept, a third colour, or the right colour in the wrong place), wit
 the exact truths and on their autoencoder round trips as the floor of what can be read. Three
 checks follow for the weakest target colour:
 
-- the other methods (SDS, FlowEdit at their defaults) on its edits and on as many edits to other
-  colours: does any method reach it, or is it the model?
+- the other methods (SDS, FlowEdit at their defaults) on its edits and on twice as many edits
+  to other colours: does any method reach it, or is it the model?
 - generation: one-object prompts naming each colour (``--generation`` per colour): does the
   model draw it from noise?
 - a partial edit: the decoded latent (1 - a) z_source + a z_truth at a = 1/4, 1/2, 3/4, 1: what
@@ -21,11 +21,13 @@ checks follow for the weakest target colour:
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from dds.eval.report import write_json
 
 
 def colour_of(judge, images, edits) -> list[str | None]:
@@ -153,8 +155,7 @@ def main() -> None:
             print("generation, the named colour read: " + ", ".join(
                 f"{c} {v:.0%}" for c, v in result["generation"].items()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ value the word is changed to (a colour the model cannot move to shows there, not
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import torch
 from probe_args import probe_parser
+
+from dds.eval.report import write_json
 
 
 def main() -> None:
@@ -59,9 +61,8 @@ def main() -> None:
               f"{cos['mean']:+7.3f} +- {cos['ci95']:5.3f}   {gain['mean']:+8.4f} +- "
               f"{gain['ci95']:6.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "n": args.n, "turns": args.turns, "rows": rows,
-                       "rotation_mean_vs_exact": ceiling}, f, indent=1)
+        write_json(Path(args.json), {"model": args.model, "n": args.n, "turns": args.turns,
+                                     "rows": rows, "rotation_mean_vs_exact": ceiling})
 
 
 if __name__ == "__main__":
