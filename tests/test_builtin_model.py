@@ -146,16 +146,16 @@ def test_dds_beats_sds_on_preservation():
 
 def test_editing_eval_resumes_from_its_batches(tmp_path):
     """Per-batch parts: a run resumed after losing a batch, and a run that finds every batch
-    done (no model needed), both give the uninterrupted run's numbers."""
+    done (no model needed), both give the uninterrupted run's numbers (and the first run's
+    files are one per method and batch)."""
     from dds.eval.builtin_quality import BY_VALUE, eval_editing
     from dds.pipeline import edit_config, get_model
     from dds.world import Judge
 
     b, judge = get_model(None, device="cpu"), Judge.load()
     cfg = edit_config(b).with_(steps=3)
-    plain = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True)
     parts = tmp_path / "editing"
-    first = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
+    plain = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
     files = sorted((parts / "parts").glob("*-b-*.json"))
     assert [f.stem for f in files] == ["dds-b-0", "dds-b-4", "flowedit-b-0", "flowedit-b-4",
                                        "sds-b-0", "sds-b-4"]
@@ -163,7 +163,7 @@ def test_editing_eval_resumes_from_its_batches(tmp_path):
     resumed = eval_editing(b, judge, cfg, per_kind=2, batch_size=4, quiet=True, parts_dir=parts)
     cached = eval_editing(None, None, cfg, per_kind=2, batch_size=4, quiet=True,
                           parts_dir=parts)
-    for r in (first, resumed, cached):
+    for r in (resumed, cached):
         for method in ("dds", "sds", "flowedit"):
             for kind, row in plain[method].items():
                 assert r[method][kind] == pytest.approx(row, rel=1e-6)

@@ -56,6 +56,8 @@ CPU = torch.device("cpu")
 LOG_FIELDS = ["stage", "step", "loss", "lr", "seconds"]
 JUDGE_FIELDS = ["stage", "step", "all_attributes", "objects", "object_shape", "object_color",
                 "background", "texture", "seconds"]
+# The fewest DDIM steps of a judge reading for which its backend traces the UNet (CPU).
+TRACE_MIN_STEPS = 10
 # The caption gap beside each judge reading (RUN/gap.csv, `dds.eval.caption_gap`): how much the
 # shape and colour words lower the UNet's loss on the object's cells at these timesteps, x 1000,
 # with 95% half-widths; it shows a word's use long before a judge can read it in a sample.
@@ -712,7 +714,10 @@ def judge_reading(cfg: C.TrainConfig, model_dir: Path, vae, unet, text_encoder, 
     from dds.world import Judge
 
     export_pipeline_folder(model_dir, vae, unet, text_encoder, tokenizer)
-    backend = StableDiffusionModel(model_dir, device=str(device))
+    # A trace costs seconds per input shape whatever the UNet's width: it pays over a reading of
+    # many denoising steps and is pure cost over a few (the tests' tiny recipe).
+    trace = "auto" if cfg.judge_steps >= TRACE_MIN_STEPS else False
+    backend = StableDiffusionModel(model_dir, device=str(device), trace=trace)
     r = eval_generation(backend, Judge.load(), cfg.judge_prompts, 1, cfg.judge_steps,
                         batch_size=min(50, cfg.judge_prompts), quiet=True)
     r.pop("samples")
