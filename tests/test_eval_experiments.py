@@ -122,6 +122,11 @@ def test_runner_batches_join_units_and_resume(tmp_path):
     assert calls == [0, 2, 4, 2]  # only the lost unit is recomputed
     assert np.array_equal(first["v"], again["v"])
     assert np.array_equal(first["v"], (np.arange(5, dtype=np.float32) / 3).astype(float))
+    # a run that keeps nothing (no --out) gives the stored run's numbers, float for float
+    from dds.eval.runner import MemoryRunner
+
+    kept_nothing = MemoryRunner().batches(("m", 0.5), batches(5, 2), compute)
+    assert np.array_equal(first["v"], kept_nothing["v"])
 
 
 class FakeJudge:
